@@ -1,0 +1,181 @@
+//! Micro benchmarks of the hot path, each beside a baseline measured in the same run:
+//! rule matching (1,000 rules) vs an exact-path hash lookup, key building vs hashing the same
+//! bytes in one call, envelope encode/decode vs copying the same bytes.
+//!
+//! `cargo bench --bench micro` prints criterion's numbers, then one ratio line per pair.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cachegate::cache::entry::Entry;
+use cachegate::cache::key::{Id, KeyParts, tag_id};
+use cachegate::rules::{QueryPolicy, RuleSpec, RuleTable, Template};
+use criterion::{Criterion, criterion_group};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+fn rule_table(n: usize) -> RuleTable {
+    let specs = (0..n)
+        .map(|i| {
+            let template =
+                Template::parse(&format!("/api/v1/service{i}/items/{{id}}")).expect("template");
+            let tags = vec![template.tag("item:{id}").expect("tag")];
+            RuleSpec {
+                name: format!("r{i}"),
+                template,
+                ttl: Some(Duration::from_secs(60)),
+                query: QueryPolicy::Sorted,
+                vary: vec![],
+                tags,
+            }
+        })
+        .collect();
+    RuleTable::build(specs).expect("rules")
+}
+
+fn routing(c: &mut Criterion) {
+    let table = rule_table(1000);
+    let paths: Vec<String> = (0..64)
+        .map(|i| format!("/api/v1/service{}/items/{}", (i * 37) % 1000, i))
+        .collect();
+    let exact: HashMap<String, usize> = paths
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, p)| (p, i))
+        .collect();
+    let mut g = c.benchmark_group("route");
+    let mut i = 0;
+    g.bench_function("match_1000_rules", |b| {
+        b.iter(|| {
+            i = (i + 1) % paths.len();
+            black_box(table.at(black_box(&paths[i])).map(|m| m.rule.index))
+        })
+    });
+    let mut j = 0;
+    g.bench_function("baseline_hashmap_exact", |b| {
+        b.iter(|| {
+            j = (j + 1) % paths.len();
+            black_box(exact.get(black_box(&paths[j])))
+        })
+    });
+    g.finish();
+}
+
+fn keys(c: &mut Criterion) {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "accept-language",
+        HeaderValue::from_static("fr-CH, fr;q=0.9"),
+    );
+    let vary = [HeaderName::from_static("accept-language")];
+    let mut g = c.benchmark_group("key");
+    g.bench_function("build_entry_key", |b| {
+        b.iter(|| {
+            let parts = KeyParts {
+                scheme: "http",
+                host: black_box("api.example.com"),
+                path: black_box("/user/42"),
+                query: black_box("page=1&size=20"),
+                vary: &vary,
+                headers: &headers,
+                scope: Some("42"),
+            };
+            black_box(parts.id().redis_key("cachegate:", b'e'))
+        })
+    });
+    let raw = b"httpapi.example.com/user/42page=1&size=20accept-languagefr-CH, fr;q=0.942";
+    g.bench_function("baseline_blake3_same_bytes", |b| {
+        b.iter(|| black_box(blake3::hash(black_box(raw))))
+    });
+    g.finish();
+}
+
+fn sample_entry() -> Entry {
+    let mut headers = HeaderMap::new();
+    for (k, v) in [
+        ("content-type", "application/json"),
+        ("cache-control", "max-age=300"),
+        ("etag", "\"33a64df551425fcc55e4d42a148795d9f25f89d4\""),
+        ("last-modified", "Wed, 21 Oct 2015 07:28:00 GMT"),
+        ("date", "Wed, 21 Oct 2015 07:28:00 GMT"),
+        ("vary", "accept-encoding"),
+        ("x-request-id", "f058ebd6-02f7-4d3f-942e-904344e8cde5"),
+        ("server", "legacy/1.0"),
+    ] {
+        headers.insert(k, HeaderValue::from_static(v));
+    }
+    Entry {
+        key: Id([7; 16]),
+        status: StatusCode::OK,
+        flags: 0,
+        stored_at_ms: 1_700_000_000_000,
+        age_at_store_s: 0,
+        fresh_until_ms: 1_700_000_300_000,
+        swr_until_ms: 1_700_000_300_000,
+        sie_until_ms: 1_700_000_300_000,
+        gens: vec![
+            (tag_id("user:42"), 1234567),
+            (tag_id("path:/user/42"), 7654321),
+        ],
+        vary: vec![],
+        headers,
+        body: Bytes::from(vec![b'x'; 1024]),
+    }
+}
+
+fn envelope(c: &mut Criterion) {
+    let entry = sample_entry();
+    let encoded = entry.encode();
+    let mut g = c.benchmark_group("entry");
+    g.bench_function("encode_1KiB", |b| {
+        b.iter(|| black_box(black_box(&entry).encode()))
+    });
+    g.bench_function("decode_1KiB", |b| {
+        b.iter(|| {
+            black_box(Entry::decode(black_box(encoded.clone()), &entry.key).map(|e| e.body.len()))
+        })
+    });
+    g.bench_function("baseline_copy_same_bytes", |b| {
+        b.iter(|| black_box(Bytes::copy_from_slice(black_box(&encoded[..]))))
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = routing, keys, envelope
+}
+
+/// Mean time of a finished benchmark, from criterion's estimates file.
+fn mean_ns(group: &str, bench: &str) -> Option<f64> {
+    let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let path = format!("{dir}/criterion/{group}/{bench}/new/estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["mean"]["point_estimate"].as_f64()
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    println!("\nratios against the baseline measured in this run (lower is better):");
+    for (group, bench, baseline) in [
+        ("route", "match_1000_rules", "baseline_hashmap_exact"),
+        ("key", "build_entry_key", "baseline_blake3_same_bytes"),
+        ("entry", "encode_1KiB", "baseline_copy_same_bytes"),
+        ("entry", "decode_1KiB", "baseline_copy_same_bytes"),
+    ] {
+        match (mean_ns(group, bench), mean_ns(group, baseline)) {
+            (Some(a), Some(b)) => println!(
+                "  {group}/{bench:<22} {a:>9.1} ns = {:>5.2} x {baseline} ({b:.1} ns)",
+                a / b
+            ),
+            _ => println!("  {group}/{bench}: not measured in this run"),
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Request coalescing: at most one upstream fill per cache key per process.
+//!
+//! The first miss for a key becomes the leader; concurrent misses wait for its entry. A
+//! flight is keyed by the full entry key (which includes the user scope), so a waiter can
+//! only ever receive a response filled for exactly its own key. A flight also remembers the
+//! tag generations its leader saw: a request that observed newer generations (a purge landed
+//! after the fill started) never joins it and starts its own fill instead.
+//!
+//! A finished flight stays joinable until its store write completes, so a request arriving
+//! between "body complete" and "entry written" is served from the finished fill.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tokio::sync::watch;
+
+use super::entry::Entry;
+use super::key::Id;
+
+/// What a flight's waiters see.
+#[derive(Clone)]
+pub enum FlightState {
+    Pending,
+    /// The fill finished with a storable response.
+    Done(Arc<Entry>),
+    /// The fill ended without a storable response; waiters fetch for themselves.
+    Failed,
+}
+
+struct Flight {
+    state: watch::Sender<FlightState>,
+    /// Generations the leader read before its fill (`None`: the key was absent).
+    seen: Vec<Option<u64>>,
+    /// Generations the leader recorded after initializing absent ones.
+    recorded: OnceLock<Vec<u64>>,
+}
+
+impl Flight {
+    /// May a request that read `gens` wait on this flight? A generation the leader found
+    /// absent is being initialized by it, so any value matches until the entry is done;
+    /// `entry_serves` then checks the recorded value.
+    fn serves(&self, gens: &[Option<u64>]) -> bool {
+        if gens.len() != self.seen.len() {
+            return false;
+        }
+        let recorded = self.recorded.get();
+        gens.iter().enumerate().all(|(i, g)| {
+            *g == self.seen[i]
+                || self.seen[i].is_none()
+                || (g.is_some() && recorded.map(|r| Some(r[i]) == *g).unwrap_or(false))
+        })
+    }
+}
+
+type Map = Arc<Mutex<HashMap<Id, Arc<Flight>>>>;
+
+/// May an entry filled by a flight answer a request that read `gens` before joining? Every
+/// generation the request saw must be the one the fill recorded (an absent one was not
+/// purged before the request's lookup, so anything recorded is as new).
+pub fn entry_serves(entry: &Entry, gens: &[Option<u64>]) -> bool {
+    entry.gens.len() == gens.len()
+        && entry
+            .gens
+            .iter()
+            .zip(gens)
+            .all(|((_, recorded), seen)| seen.is_none_or(|g| g == *recorded))
+}
+
+/// The in-process table of fills under way.
+#[derive(Default)]
+pub struct Flights {
+    map: Map,
+}
+
+/// The outcome of joining.
+pub enum Joined {
+    /// Fetch from the upstream and complete (or drop) the returned handle.
+    Leader(Leader),
+    /// Wait on this for the leader's result.
+    Waiter(watch::Receiver<FlightState>),
+}
+
+fn lock(map: &Map) -> std::sync::MutexGuard<'_, HashMap<Id, Arc<Flight>>> {
+    map.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Flights {
+    /// Lead a new fill for `id`, or wait on the compatible one under way.
+    pub fn join(&self, id: Id, gens: &[Option<u64>]) -> Joined {
+        let mut map = lock(&self.map);
+        if let Some(f) = map.get(&id) {
+            let failed = matches!(*f.state.borrow(), FlightState::Failed);
+            if !failed && f.serves(gens) {
+                return Joined::Waiter(f.state.subscribe());
+            }
+        }
+        let flight = Arc::new(Flight {
+            state: watch::Sender::new(FlightState::Pending),
+            seen: gens.to_vec(),
+            recorded: OnceLock::new(),
+        });
+        map.insert(id, flight.clone());
+        Joined::Leader(Leader {
+            map: self.map.clone(),
+            id,
+            flight,
+        })
+    }
+
+    /// Number of fills under way (for tests and metrics).
+    pub fn len(&self) -> usize {
+        lock(&self.map).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The leader's handle. Dropping it without `complete` fails the flight; dropping it after
+/// `complete` retires the flight.
+pub struct Leader {
+    map: Map,
+    id: Id,
+    flight: Arc<Flight>,
+}
+
+impl Leader {
+    /// Record the generations the fill will store (after absent ones were initialized).
+    pub fn set_recorded(&self, gens: Vec<u64>) {
+        let _ = self.flight.recorded.set(gens);
+    }
+
+    /// Publish the finished entry to waiters (and to joiners until this handle drops).
+    pub fn complete(&self, entry: Arc<Entry>) {
+        self.flight.state.send_replace(FlightState::Done(entry));
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if matches!(*self.flight.state.borrow(), FlightState::Pending) {
+            self.flight.state.send_replace(FlightState::Failed);
+        }
+        let mut map = lock(&self.map);
+        if map
+            .get(&self.id)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            map.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_request_waits_and_a_purge_starts_a_new_flight() {
+        let flights = Flights::default();
+        let id = Id([1; 16]);
+        let Joined::Leader(leader) = flights.join(id, &[Some(5)]) else {
+            panic!("first is leader")
+        };
+        assert!(matches!(flights.join(id, &[Some(5)]), Joined::Waiter(_)));
+        // Someone saw generation 6: a purge landed after the leader read 5.
+        let Joined::Leader(newer) = flights.join(id, &[Some(6)]) else {
+            panic!("a newer generation must not join an older fill")
+        };
+        drop(leader);
+        assert_eq!(
+            flights.len(),
+            1,
+            "the old leader does not remove the newer flight"
+        );
+        drop(newer);
+        assert!(flights.is_empty());
+    }
+
+    #[test]
+    fn a_generation_being_initialized_is_checked_when_the_entry_is_done() {
+        let flights = Flights::default();
+        let id = Id([5; 16]);
+        let Joined::Leader(leader) = flights.join(id, &[None]) else {
+            panic!()
+        };
+        // The leader is initializing the generation; whatever a joiner saw, it may wait...
+        assert!(matches!(flights.join(id, &[Some(9)]), Joined::Waiter(_)));
+        leader.set_recorded(vec![7]);
+        // ...but the finished entry only serves requests that saw what it recorded.
+        let mut e = crate::cache::entry::tests::sample();
+        e.gens = vec![(Id([0; 16]), 7)];
+        assert!(entry_serves(&e, &[Some(7)]));
+        assert!(entry_serves(&e, &[None]));
+        assert!(!entry_serves(&e, &[Some(9)]));
+    }
+
+    #[test]
+    fn dropping_the_leader_fails_waiters() {
+        let flights = Flights::default();
+        let id = Id([2; 16]);
+        let Joined::Leader(leader) = flights.join(id, &[]) else {
+            panic!()
+        };
+        let Joined::Waiter(rx) = flights.join(id, &[]) else {
+            panic!()
+        };
+        drop(leader);
+        assert!(matches!(*rx.borrow(), FlightState::Failed));
+    }
+
+    #[test]
+    fn keys_never_share_a_flight() {
+        let flights = Flights::default();
+        let Joined::Leader(_a) = flights.join(Id([3; 16]), &[]) else {
+            panic!()
+        };
+        assert!(matches!(flights.join(Id([4; 16]), &[]), Joined::Leader(_)));
+    }
+}

@@ -1,0 +1,398 @@
+//! The cache: keys, the entry envelope, cacheability policy, stores, coalescing, and the
+//! tag-generation bookkeeping that makes purges O(tags).
+//!
+//! `Cache` gives the proxy meaning-level operations (look up an entry together with its tag
+//! generations, record generations for a fill, store an entry, bump tags) on top of the
+//! store primitives. It never sees an HTTP message.
+//!
+//! Generations: each tag has a key `{prefix}g:{hash(tag)}` holding a random 64-bit value. A
+//! fill records the values it read before asking the upstream (initializing absent keys
+//! with SET NX); a purge overwrites the values. An entry is usable only while every
+//! recorded value is still current, so a purge kills every variant at once, and a fill that
+//! raced a write is dead on arrival. Generation keys expire after the longest entry lifetime
+//! (refreshed by each fill); a lost or evicted key reads as absent, which never equals a
+//! recorded value, so losing one can only cause misses, never stale hits.
+
+pub mod entry;
+pub mod flight;
+pub mod key;
+pub mod memory;
+pub mod policy;
+pub mod redis;
+pub mod store;
+
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use entry::Entry;
+use key::Id;
+use store::{Guarded, Op, StoreError};
+
+/// What happened to one request, as logged, counted and reported in `Cache-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served from a fresh stored entry.
+    Hit,
+    /// Fetched from the upstream and stored (or being stored).
+    Miss,
+    /// Served from a stale entry (while revalidating, or because the upstream failed).
+    Stale,
+    /// The cache was not consulted (no cache rule, unsafe method, store unavailable...).
+    Bypass,
+    /// Fetched from the upstream; the response may not be stored.
+    Uncacheable,
+    /// cachegate answered with an error.
+    Error,
+    /// A stale entry was revalidated with the upstream (304) and served.
+    Revalidated,
+    /// Served from another request's concurrent fill.
+    Coalesced,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Hit,
+        Outcome::Miss,
+        Outcome::Stale,
+        Outcome::Bypass,
+        Outcome::Uncacheable,
+        Outcome::Error,
+        Outcome::Revalidated,
+        Outcome::Coalesced,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
+            Outcome::Uncacheable => "uncacheable",
+            Outcome::Error => "error",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Coalesced => "coalesced",
+        }
+    }
+}
+
+/// A random 64-bit value (generations, lock tokens). Not secret, only unique.
+pub fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u64(policy::now_ms());
+    match h.finish() {
+        0 => 1,
+        v => v,
+    }
+}
+
+/// What a lookup found under an entry key.
+// Unboxed on purpose: it lives briefly on the stack, and a box would cost every hit an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Found {
+    /// Nothing stored.
+    Absent,
+    /// A decodable entry whose generations are all current.
+    Entry(Entry),
+    /// An entry filled before one of its tags was purged.
+    Dead,
+    /// Bytes that are not a valid entry for this key (treated as a miss, then overwritten).
+    Corrupt,
+}
+
+/// The result of one lookup round trip.
+pub struct Lookup {
+    pub found: Found,
+    /// Current generation of each requested tag (`None`: absent or unreadable).
+    pub gens: Vec<Option<u64>>,
+    /// The session value, when a session key was asked for.
+    pub session: Option<Bytes>,
+}
+
+/// Meaning-level cache operations over a guarded store.
+pub struct Cache {
+    store: Arc<Guarded>,
+    prefix: String,
+    gen_ttl: Duration,
+    pub flights: flight::Flights,
+}
+
+fn parse_gen(v: &Option<Bytes>) -> Option<u64> {
+    let b = v.as_ref()?;
+    std::str::from_utf8(b)
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .filter(|g| *g != 0)
+}
+
+impl Cache {
+    /// `gen_ttl` must be at least the longest time any entry is kept.
+    pub fn new(store: Arc<Guarded>, prefix: &str, gen_ttl: Duration) -> Cache {
+        Cache {
+            store,
+            prefix: prefix.to_string(),
+            gen_ttl,
+            flights: flight::Flights::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<Guarded> {
+        &self.store
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn entry_key(&self, id: &Id) -> Vec<u8> {
+        id.redis_key(&self.prefix, key::ENTRY)
+    }
+
+    pub fn gen_key(&self, tag: &Id) -> Vec<u8> {
+        tag.redis_key(&self.prefix, key::GENERATION)
+    }
+
+    /// One round trip: the session value (if asked), the entry, and its tags' generations.
+    pub async fn lookup(
+        &self,
+        id: &Id,
+        tags: &[Id],
+        session_key: Option<Vec<u8>>,
+    ) -> Result<Lookup, StoreError> {
+        let with_session = session_key.is_some();
+        let mut keys = Vec::with_capacity(2 + tags.len());
+        keys.extend(session_key);
+        keys.push(self.entry_key(id));
+        keys.extend(tags.iter().map(|t| self.gen_key(t)));
+        let mut values = self
+            .store
+            .call(Op::Lookup, self.store.store().get_many(keys))
+            .await?;
+        let session = if with_session && !values.is_empty() {
+            values.remove(0)
+        } else {
+            None
+        };
+        let mut values = values.into_iter();
+        let raw_entry = values.next().flatten();
+        let gens: Vec<Option<u64>> = values.map(|v| parse_gen(&v)).collect();
+        let found = match raw_entry {
+            None => Found::Absent,
+            Some(bytes) => match Entry::decode(bytes, id) {
+                Err(_) => Found::Corrupt,
+                Ok(entry) if generations_match(&entry, tags, &gens) => Found::Entry(entry),
+                Ok(_) => Found::Dead,
+            },
+        };
+        Ok(Lookup {
+            found,
+            gens,
+            session,
+        })
+    }
+
+    /// The generations a fill records: the ones read by the lookup, with absent keys
+    /// initialized (SET NX, so concurrent fills agree on one value).
+    pub async fn record_gens(
+        &self,
+        tags: &[Id],
+        seen: &[Option<u64>],
+    ) -> Result<Vec<u64>, StoreError> {
+        let missing: Vec<usize> = (0..tags.len())
+            .filter(|&i| seen.get(i).copied().flatten().is_none())
+            .collect();
+        let mut out: Vec<u64> = seen.iter().map(|g| g.unwrap_or(0)).collect();
+        out.resize(tags.len(), 0);
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let items: Vec<(Vec<u8>, Bytes)> = missing
+            .iter()
+            .map(|&i| {
+                (
+                    self.gen_key(&tags[i]),
+                    Bytes::from(random_u64().to_string()),
+                )
+            })
+            .collect();
+        let proposals: Vec<Bytes> = items.iter().map(|(_, v)| v.clone()).collect();
+        let now = self
+            .store
+            .call(Op::Init, self.store.store().init_many(items, self.gen_ttl))
+            .await?;
+        let mut unreadable = Vec::new();
+        for (j, &i) in missing.iter().enumerate() {
+            match parse_gen(&now.get(j).cloned().flatten()) {
+                Some(g) => out[i] = g,
+                None => unreadable.push((i, proposals[j].clone())),
+            }
+        }
+        if !unreadable.is_empty() {
+            // A foreign value sits under a generation key: it matches no entry, so
+            // replacing it invalidates nothing that was valid.
+            let items = unreadable
+                .iter()
+                .map(|(i, v)| (self.gen_key(&tags[*i]), v.clone()))
+                .collect();
+            self.store
+                .call(
+                    Op::Init,
+                    self.store.store().set_many(items, Some(self.gen_ttl)),
+                )
+                .await?;
+            for (i, v) in unreadable {
+                out[i] = parse_gen(&Some(v)).unwrap_or(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Store an entry for `ttl`, and extend its tags' generation keys to outlive it.
+    pub async fn put(&self, entry: &Entry, ttl: Duration) -> Result<(), StoreError> {
+        let key = self.entry_key(&entry.key);
+        let touch = entry.gens.iter().map(|(t, _)| self.gen_key(t)).collect();
+        let value = entry.encode();
+        self.store
+            .call(
+                Op::Put,
+                self.store.store().put(key, value, ttl, touch, self.gen_ttl),
+            )
+            .await
+    }
+
+    /// Purge: give each tag a new generation (one round trip).
+    pub async fn bump(&self, tags: &[Id]) -> Result<(), StoreError> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let items = tags
+            .iter()
+            .map(|t| (self.gen_key(t), Bytes::from(random_u64().to_string())))
+            .collect();
+        self.store
+            .call(
+                Op::Bump,
+                self.store.store().set_many(items, Some(self.gen_ttl)),
+            )
+            .await
+    }
+}
+
+/// An entry is usable only if it recorded exactly these tags, each at its current generation.
+fn generations_match(entry: &Entry, tags: &[Id], current: &[Option<u64>]) -> bool {
+    entry.gens.len() == tags.len()
+        && tags.iter().zip(current).all(|(tag, cur)| {
+            cur.is_some_and(|g| {
+                entry
+                    .gens
+                    .iter()
+                    .any(|(t, recorded)| t == tag && *recorded == g)
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use http::{HeaderMap, StatusCode};
+
+    fn cache() -> Cache {
+        let metrics = Arc::new(Metrics::new(&[]));
+        let store = Arc::new(Guarded::new(
+            Arc::new(memory::MemoryStore::new(1 << 20, "t:")),
+            Duration::from_millis(100),
+            metrics,
+        ));
+        Cache::new(store, "t:", Duration::from_secs(3600))
+    }
+
+    fn entry(id: Id, gens: Vec<(Id, u64)>) -> Entry {
+        Entry {
+            key: id,
+            status: StatusCode::OK,
+            flags: 0,
+            stored_at_ms: 0,
+            age_at_store_s: 0,
+            fresh_until_ms: u64::MAX / 2,
+            swr_until_ms: 0,
+            sie_until_ms: 0,
+            gens,
+            vary: vec![],
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"x"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bump_kills_entries_filled_before_it() {
+        let c = cache();
+        let id = Id([9; 16]);
+        let tags = [key::tag_id("user:1"), key::path_tag("/user/1")];
+        let first = c.lookup(&id, &tags, None).await.unwrap();
+        assert!(matches!(first.found, Found::Absent));
+        let gens = c.record_gens(&tags, &first.gens).await.unwrap();
+        assert!(gens.iter().all(|g| *g != 0));
+        let e = entry(id, tags.iter().copied().zip(gens.iter().copied()).collect());
+        c.put(&e, Duration::from_secs(60)).await.unwrap();
+        assert!(matches!(
+            c.lookup(&id, &tags, None).await.unwrap().found,
+            Found::Entry(_)
+        ));
+        c.bump(&tags[..1]).await.unwrap();
+        assert!(matches!(
+            c.lookup(&id, &tags, None).await.unwrap().found,
+            Found::Dead
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_raced_a_purge_is_dead_on_arrival() {
+        let c = cache();
+        let id = Id([8; 16]);
+        let tags = [key::tag_id("user:2")];
+        let seen = c.lookup(&id, &tags, None).await.unwrap().gens;
+        let recorded = c.record_gens(&tags, &seen).await.unwrap();
+        // The write lands while the fill is at the upstream.
+        c.bump(&tags).await.unwrap();
+        c.put(
+            &entry(id, vec![(tags[0], recorded[0])]),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            c.lookup(&id, &tags, None).await.unwrap().found,
+            Found::Dead
+        ));
+    }
+
+    #[tokio::test]
+    async fn garbage_under_keys_is_a_miss_not_an_error() {
+        let c = cache();
+        let id = Id([7; 16]);
+        let tags = [key::tag_id("t")];
+        c.store()
+            .store()
+            .set_many(
+                vec![
+                    (c.entry_key(&id), Bytes::from_static(b"garbage")),
+                    (c.gen_key(&tags[0]), Bytes::from_static(b"zz")),
+                ],
+                None,
+            )
+            .await
+            .unwrap();
+        let l = c.lookup(&id, &tags, None).await.unwrap();
+        assert!(matches!(l.found, Found::Corrupt));
+        assert_eq!(l.gens, vec![None]);
+        let g = c.record_gens(&tags, &l.gens).await.unwrap();
+        assert_ne!(g[0], 0, "an unreadable generation is replaced");
+    }
+}

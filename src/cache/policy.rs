@@ -1,0 +1,449 @@
+//! Cacheability and freshness (RFC 9111 for a shared cache, bent by the rule's knobs).
+//!
+//! Pure functions of a response's status and headers, the rule and the clock: no I/O.
+//! Every refusal has a short static reason, which feeds `Cache-Status: detail=` and the
+//! admin explain endpoint, so "why is this not cached?" always has an answer.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderMap, StatusCode, header};
+
+use crate::config::StatusSet;
+
+/// How a rule treats the origin's caching headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OriginCacheControl {
+    /// Origin directives decide within the rule: `ttl` caps explicit freshness and applies
+    /// when the origin says nothing.
+    #[default]
+    Respect,
+    /// A pure shared cache: only responses with explicit freshness are stored (`ttl` caps).
+    Only,
+    /// The rule's windows only; origin freshness and `no-store`/`no-cache` are ignored,
+    /// but `private` and `Set-Cookie` responses are still never stored.
+    Override,
+}
+
+impl OriginCacheControl {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OriginCacheControl::Respect => "respect",
+            OriginCacheControl::Only => "only",
+            OriginCacheControl::Override => "override",
+        }
+    }
+}
+
+/// The Cache-Control directives a shared cache acts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheControl {
+    pub no_store: bool,
+    pub no_cache: bool,
+    pub private: bool,
+    pub public: bool,
+    pub must_revalidate: bool,
+    pub proxy_revalidate: bool,
+    pub max_age: Option<u64>,
+    pub s_maxage: Option<u64>,
+    pub stale_while_revalidate: Option<u64>,
+    pub stale_if_error: Option<u64>,
+    pub only_if_cached: bool,
+    pub min_fresh: Option<u64>,
+    /// `max-stale` with no value means any staleness: `Some(u64::MAX)`.
+    pub max_stale: Option<u64>,
+}
+
+impl CacheControl {
+    /// Parse every `Cache-Control` field line. Unknown directives are ignored; a malformed
+    /// delta-seconds counts as 0 (RFC 9111 §4.2.1: treat invalid freshness as stale).
+    pub fn parse(headers: &HeaderMap) -> CacheControl {
+        let mut cc = CacheControl::default();
+        for value in headers.get_all(header::CACHE_CONTROL) {
+            let Ok(text) = value.to_str() else { continue };
+            for (name, arg) in directives(text) {
+                let secs = || -> u64 {
+                    arg.and_then(|a| {
+                        let a = a.trim_matches('"');
+                        if a.is_empty() || !a.bytes().all(|b| b.is_ascii_digit()) {
+                            return None;
+                        }
+                        // Values past u32 are clamped (RFC 9111 §1.2.2: 2^31 is "infinity").
+                        Some(a.parse::<u64>().unwrap_or(u64::MAX).min(1 << 31))
+                    })
+                    .unwrap_or(0)
+                };
+                let min = |old: Option<u64>, new: u64| Some(old.map_or(new, |o| o.min(new)));
+                match name.to_ascii_lowercase().as_str() {
+                    "no-store" => cc.no_store = true,
+                    "no-cache" => cc.no_cache = true,
+                    "private" => cc.private = true,
+                    "public" => cc.public = true,
+                    "must-revalidate" => cc.must_revalidate = true,
+                    "proxy-revalidate" => cc.proxy_revalidate = true,
+                    "only-if-cached" => cc.only_if_cached = true,
+                    "max-age" => cc.max_age = min(cc.max_age, secs()),
+                    "s-maxage" => cc.s_maxage = min(cc.s_maxage, secs()),
+                    "stale-while-revalidate" => {
+                        cc.stale_while_revalidate = min(cc.stale_while_revalidate, secs())
+                    }
+                    "stale-if-error" => cc.stale_if_error = min(cc.stale_if_error, secs()),
+                    "min-fresh" => cc.min_fresh = min(cc.min_fresh, secs()),
+                    "max-stale" => {
+                        cc.max_stale = Some(if arg.is_some() { secs() } else { u64::MAX });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        cc
+    }
+}
+
+/// Split `a, b=1, c="x, y"` into (name, argument) pairs, honouring quoted strings.
+fn directives(text: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        loop {
+            rest = rest.trim_start_matches([' ', '\t', ',']);
+            if rest.is_empty() {
+                return None;
+            }
+            let mut in_quotes = false;
+            let mut end = rest.len();
+            for (i, c) in rest.char_indices() {
+                match c {
+                    '"' => in_quotes = !in_quotes,
+                    ',' if !in_quotes => {
+                        end = i;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let item = rest[..end].trim();
+            rest = &rest[end..];
+            if item.is_empty() {
+                continue;
+            }
+            return Some(match item.split_once('=') {
+                Some((n, a)) => (n.trim(), Some(a.trim())),
+                None => (item, None),
+            });
+        }
+    })
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Parse an HTTP-date header as unix seconds.
+pub fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<u64> {
+    let v = headers.get(name)?.to_str().ok()?;
+    let t = httpdate::parse_http_date(v).ok()?;
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// Format unix seconds as an HTTP-date.
+pub fn format_http_date(unix_s: u64) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(unix_s))
+}
+
+/// What a rule says about freshness and stale reuse.
+#[derive(Debug, Clone, Copy)]
+pub struct RulePolicy {
+    pub ttl: Duration,
+    pub stale_while_revalidate: Duration,
+    pub stale_if_error: Duration,
+    pub origin: OriginCacheControl,
+}
+
+/// A storable response's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Freshness {
+    pub age_at_store_s: u32,
+    pub fresh_until_ms: u64,
+    pub swr_until_ms: u64,
+    pub sie_until_ms: u64,
+    pub no_cache: bool,
+    pub must_revalidate: bool,
+    /// How long the store should keep the entry (past its last reuse, validators stay useful).
+    pub store_ttl: Duration,
+}
+
+/// Why a response was not stored.
+pub type NotStored = &'static str;
+
+/// Decide whether a response may be stored and for how long.
+pub fn decide(
+    status: StatusCode,
+    headers: &HeaderMap,
+    rule: &RulePolicy,
+    statuses: &StatusSet,
+    now_ms: u64,
+) -> Result<Freshness, NotStored> {
+    if !statuses.contains(status.as_u16()) {
+        return Err("status");
+    }
+    if headers.contains_key(header::SET_COOKIE) {
+        return Err("set-cookie");
+    }
+    if headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|p| p.trim() == "*"))
+            .unwrap_or(true)
+    }) {
+        return Err("vary-star");
+    }
+    let cc = CacheControl::parse(headers);
+    if cc.private {
+        return Err("private");
+    }
+    let override_mode = rule.origin == OriginCacheControl::Override;
+    if cc.no_store && !override_mode {
+        return Err("no-store");
+    }
+    let ttl_s = rule.ttl.as_secs();
+    let date_s = http_date(headers, header::DATE);
+    let explicit: Option<u64> = if override_mode {
+        None
+    } else if let Some(s) = cc.s_maxage {
+        Some(s)
+    } else if let Some(m) = cc.max_age {
+        Some(m)
+    } else if headers.contains_key(header::EXPIRES) {
+        // An invalid Expires (e.g. "0") means already expired (RFC 9111 §5.3).
+        let expires = http_date(headers, header::EXPIRES);
+        let base = date_s.unwrap_or(now_ms / 1000);
+        Some(expires.map(|e| e.saturating_sub(base)).unwrap_or(0))
+    } else {
+        None
+    };
+    if rule.origin == OriginCacheControl::Only && explicit.is_none() {
+        return Err("no-explicit-freshness");
+    }
+    let lifetime_s = explicit.map_or(ttl_s, |e| e.min(ttl_s));
+    // RFC 9111 §4.2.3: the age a response already has when it arrives.
+    let age_value = headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let apparent_age = date_s
+        .map(|d| (now_ms / 1000).saturating_sub(d))
+        .unwrap_or(0);
+    let age = if override_mode {
+        0
+    } else {
+        age_value.max(apparent_age)
+    };
+    let fresh_s = lifetime_s.saturating_sub(age);
+    let no_cache = cc.no_cache && !override_mode;
+    let must_revalidate =
+        !override_mode && (cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some());
+    let has_validator =
+        headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
+    if no_cache && !has_validator {
+        // Every reuse would need a full refetch: storing it would only cost memory.
+        return Err("no-cache-without-validator");
+    }
+    let fresh_ms = if no_cache { 0 } else { fresh_s * 1000 };
+    let (swr_s, sie_s) = if override_mode {
+        (
+            rule.stale_while_revalidate.as_secs(),
+            rule.stale_if_error.as_secs(),
+        )
+    } else if must_revalidate || no_cache {
+        // Stale reuse without a successful validation is forbidden (RFC 9111 §5.2.2.2).
+        (0, 0)
+    } else {
+        (
+            rule.stale_while_revalidate
+                .as_secs()
+                .max(cc.stale_while_revalidate.unwrap_or(0)),
+            rule.stale_if_error
+                .as_secs()
+                .max(cc.stale_if_error.unwrap_or(0)),
+        )
+    };
+    let fresh_until_ms = now_ms + fresh_ms;
+    let swr_until_ms = fresh_until_ms + swr_s * 1000;
+    let sie_until_ms = fresh_until_ms + sie_s * 1000;
+    let usable_ms = fresh_ms + swr_s.max(sie_s) * 1000;
+    // Entries with validators are kept one more TTL, so a stale one can be revalidated with
+    // a cheap 304 instead of a full refetch.
+    let keep_ms = if has_validator { ttl_s * 1000 } else { 0 };
+    let store_ms = usable_ms + keep_ms;
+    if store_ms == 0 {
+        return Err("stale-on-arrival");
+    }
+    Ok(Freshness {
+        age_at_store_s: age.min(u32::MAX as u64) as u32,
+        fresh_until_ms,
+        swr_until_ms,
+        sie_until_ms,
+        no_cache,
+        must_revalidate,
+        store_ttl: Duration::from_millis(store_ms),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn rule(origin: OriginCacheControl) -> RulePolicy {
+        RulePolicy {
+            ttl: Duration::from_secs(300),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            origin,
+        }
+    }
+
+    fn h(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn fresh_s(
+        pairs: &[(&'static str, &str)],
+        origin: OriginCacheControl,
+    ) -> Result<u64, NotStored> {
+        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        decide(StatusCode::OK, &h(pairs), &rule(origin), &statuses, NOW)
+            .map(|f| (f.fresh_until_ms - NOW) / 1000)
+    }
+
+    #[test]
+    fn directives_parse_with_quotes_and_case() {
+        let cc = CacheControl::parse(&h(&[
+            ("cache-control", "Max-Age=60, private=\"set-cookie, x\""),
+            ("cache-control", "s-maxage=\"30\", max-stale"),
+        ]));
+        assert_eq!(cc.max_age, Some(60));
+        assert_eq!(cc.s_maxage, Some(30));
+        assert!(cc.private);
+        assert_eq!(cc.max_stale, Some(u64::MAX));
+        assert_eq!(
+            CacheControl::parse(&h(&[("cache-control", "max-age=abc")])).max_age,
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn respect_mode_table() {
+        use OriginCacheControl::Respect as R;
+        assert_eq!(fresh_s(&[], R), Ok(300));
+        assert_eq!(fresh_s(&[("cache-control", "max-age=60")], R), Ok(60));
+        assert_eq!(fresh_s(&[("cache-control", "max-age=6000")], R), Ok(300));
+        assert_eq!(
+            fresh_s(&[("cache-control", "max-age=600, s-maxage=30")], R),
+            Ok(30)
+        );
+        assert_eq!(
+            fresh_s(&[("cache-control", "no-store")], R),
+            Err("no-store")
+        );
+        assert_eq!(fresh_s(&[("cache-control", "private")], R), Err("private"));
+        assert_eq!(fresh_s(&[("set-cookie", "a=b")], R), Err("set-cookie"));
+        assert_eq!(fresh_s(&[("vary", "*")], R), Err("vary-star"));
+        assert_eq!(
+            fresh_s(&[("cache-control", "max-age=60"), ("age", "20")], R),
+            Ok(40)
+        );
+        let date = format_http_date(NOW / 1000);
+        let expires = format_http_date(NOW / 1000 + 100);
+        assert_eq!(
+            fresh_s(&[("date", &date), ("expires", &expires)], R),
+            Ok(100)
+        );
+        assert_eq!(fresh_s(&[("expires", "0")], R), Err("stale-on-arrival"));
+        assert_eq!(
+            fresh_s(&[("cache-control", "no-cache")], R),
+            Err("no-cache-without-validator")
+        );
+        assert_eq!(
+            fresh_s(&[("cache-control", "no-cache"), ("etag", "\"v1\"")], R),
+            Ok(0)
+        );
+    }
+
+    #[test]
+    fn only_and_override_modes() {
+        use OriginCacheControl::{Only, Override};
+        assert_eq!(fresh_s(&[], Only), Err("no-explicit-freshness"));
+        assert_eq!(fresh_s(&[("cache-control", "max-age=60")], Only), Ok(60));
+        assert_eq!(
+            fresh_s(
+                &[("cache-control", "no-cache, no-store, max-age=0")],
+                Override
+            ),
+            Ok(300)
+        );
+        assert_eq!(
+            fresh_s(&[("cache-control", "private")], Override),
+            Err("private")
+        );
+        assert_eq!(
+            fresh_s(&[("set-cookie", "s=1")], Override),
+            Err("set-cookie")
+        );
+    }
+
+    #[test]
+    fn statuses_outside_the_list_are_not_stored() {
+        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let r = rule(OriginCacheControl::Respect);
+        assert_eq!(
+            decide(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &h(&[]),
+                &r,
+                &statuses,
+                NOW
+            ),
+            Err("status")
+        );
+        assert!(decide(StatusCode::NOT_FOUND, &h(&[]), &r, &statuses, NOW).is_ok());
+    }
+
+    #[test]
+    fn stale_windows_and_must_revalidate() {
+        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let mut r = rule(OriginCacheControl::Respect);
+        r.stale_while_revalidate = Duration::from_secs(30);
+        r.stale_if_error = Duration::from_secs(600);
+        let f = decide(
+            StatusCode::OK,
+            &h(&[("cache-control", "max-age=60, stale-while-revalidate=90")]),
+            &r,
+            &statuses,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(f.swr_until_ms - f.fresh_until_ms, 90_000);
+        assert_eq!(f.sie_until_ms - f.fresh_until_ms, 600_000);
+        assert_eq!(f.store_ttl, Duration::from_secs(660));
+        let f = decide(
+            StatusCode::OK,
+            &h(&[("cache-control", "max-age=60, must-revalidate")]),
+            &r,
+            &statuses,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(f.sie_until_ms, f.fresh_until_ms);
+        assert!(f.must_revalidate);
+    }
+}

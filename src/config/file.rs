@@ -1,0 +1,82 @@
+//! The TOML file as written by the operator: serde types only, with spans kept for validation.
+//!
+//! Nothing here is seen by the engine; `config::compile` turns it into a validated `Config`.
+//! Every table denies unknown keys so a typo fails the start instead of being ignored.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A string value with its position in the file.
+pub type Text = Spanned<String>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerFile,
+    pub upstream: Option<Spanned<UpstreamFile>>,
+    pub store: Option<StoreFile>,
+    #[serde(default)]
+    pub cache: CacheFile,
+    #[serde(default)]
+    pub rule: Vec<Spanned<RuleFile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub listen: Option<Text>,
+    pub admin_listen: Option<Text>,
+    pub shutdown_grace: Option<Text>,
+    pub header_read_timeout: Option<Text>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_header_count: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub url: Option<Text>,
+    pub connect_timeout: Option<Text>,
+    pub timeout: Option<Text>,
+    pub pool_idle_timeout: Option<Text>,
+    pub pool_max_idle: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub backend: Option<Text>,
+    pub max_bytes: Option<Text>,
+    pub url: Option<Text>,
+    pub password_env: Option<Text>,
+    pub prefix: Option<Text>,
+    pub timeout: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheFile {
+    pub max_object_size: Option<Text>,
+    pub statuses: Option<Spanned<Vec<Spanned<i64>>>>,
+}
+
+/// `query = "sorted" | "ignore" | ["page", "size"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum QueryFile {
+    Mode(String),
+    Keep(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleFile {
+    pub name: Option<Text>,
+    #[serde(rename = "match")]
+    pub match_: Option<Text>,
+    pub ttl: Option<Text>,
+    pub query: Option<Spanned<QueryFile>>,
+    pub vary: Option<Vec<Text>>,
+    pub tags: Option<Vec<Text>>,
+}

@@ -1,0 +1,202 @@
+//! Golden config errors: the exact text an operator sees, with file:line:col.
+
+use super::*;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "REDIS_PASSWORD" => Some("s3cret".into()),
+        _ => None,
+    }
+}
+
+fn err(text: &str) -> String {
+    Config::parse_with_env("cachegate.toml", text, &env)
+        .unwrap_err()
+        .to_string()
+}
+
+fn ok(text: &str) -> Config {
+    Config::parse_with_env("cachegate.toml", text, &env).unwrap_or_else(|e| panic!("{e}"))
+}
+
+const UPSTREAM: &str = "[upstream]\nurl = \"http://127.0.0.1:9000\"\n";
+
+#[test]
+fn minimal_config_gets_the_documented_defaults() {
+    let c = ok(UPSTREAM);
+    assert_eq!(c.server.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.server.admin_listen.to_string(), "127.0.0.1:9091");
+    assert_eq!(c.server.shutdown_grace, Duration::from_secs(30));
+    assert!(
+        matches!(c.store.backend, StoreBackend::Memory { max_bytes } if max_bytes == 256 << 20)
+    );
+    assert_eq!(c.store.prefix, "cachegate:");
+    assert_eq!(c.store.timeout, Duration::from_millis(100));
+    assert_eq!(c.cache.max_object_size, 1 << 20);
+    assert_eq!(c.cache.statuses.codes(), DEFAULT_STATUSES.to_vec());
+    assert_eq!(c.upstream.timeout, Duration::from_secs(30));
+    assert_eq!(c.upstream.base_path, "");
+}
+
+#[test]
+fn full_example_parses() {
+    let c = ok(r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+
+[upstream]
+url = "http://127.0.0.1:9000/api/"
+connect_timeout = "1s"
+timeout = "10s"
+
+[store]
+backend = "redis"
+url = "redis://127.0.0.1:6379/0"
+password_env = "REDIS_PASSWORD"
+prefix = "cg:"
+timeout = "50ms"
+
+[cache]
+max_object_size = "512KiB"
+statuses = [200, 404]
+
+[[rule]]
+name = "user"
+match = "/user/{id}"
+ttl = "5m"
+query = ["page", "size"]
+vary = ["Accept-Language"]
+tags = ["user:{id}", "users"]
+"#);
+    assert_eq!(c.upstream.base_path, "/api");
+    assert!(
+        matches!(&c.store.backend, StoreBackend::Redis { password: Some(p), .. } if p == "s3cret")
+    );
+    let r = &c.rules.rules()[0];
+    assert_eq!(r.ttl, Some(Duration::from_secs(300)));
+    assert_eq!(r.vary[0].as_str(), "accept-language");
+    assert_eq!(
+        r.query,
+        QueryPolicy::Keep(vec!["page".into(), "size".into()])
+    );
+    assert!(c.rules.describe().contains("user:{id},users"));
+}
+
+#[test]
+fn unknown_key_is_an_error_with_position() {
+    assert_eq!(
+        err("[upstream]\nurl = \"http://127.0.0.1:9000\"\ntimout = \"1s\"\n"),
+        "cachegate.toml:3:1: unknown field `timout`, expected one of `url`, `connect_timeout`, `timeout`, `pool_idle_timeout`, `pool_max_idle`"
+    );
+    assert!(
+        err(&format!("{UPSTREAM}[cache]\nmax_size = \"1MiB\"\n"))
+            .starts_with("cachegate.toml:4:1: unknown field `max_size`")
+    );
+}
+
+#[test]
+fn bad_duration_points_at_the_value_and_suggests_a_spelling() {
+    let text = format!(
+        "{UPSTREAM}\n[[rule]]\nname = \"user\"\nmatch = \"/user/{{id}}\"\nttl = \"5 minutes\"\n"
+    );
+    assert_eq!(
+        err(&text),
+        "cachegate.toml:7:7: rule \"user\": ttl \"5 minutes\" is not a duration (try \"5m\")"
+    );
+}
+
+#[test]
+fn duplicate_templates_are_an_error() {
+    let text = format!(
+        "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/user/{{id}}\"\n[[rule]]\nname = \"b\"\nmatch = \"/user/{{id}}\"\n"
+    );
+    assert_eq!(
+        err(&text),
+        "cachegate.toml:8:9: rule \"b\": match \"/user/{id}\" is already the template of rule \"a\" (merge the two rules)"
+    );
+}
+
+#[test]
+fn unparsable_template_is_an_error() {
+    let text = format!("{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/user/{{id\"\n");
+    assert_eq!(
+        err(&text),
+        "cachegate.toml:5:9: rule \"a\": match \"/user/{id\": a '{' has no matching '}'"
+    );
+}
+
+#[test]
+fn tag_naming_a_missing_parameter_is_an_error() {
+    let text = format!(
+        "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/user/{{id}}\"\ntags = [\"user:{{name}}\"]\n"
+    );
+    assert_eq!(
+        err(&text),
+        "cachegate.toml:6:9: rule \"a\": tag \"user:{name}\": names {name}, which the template \"/user/{id}\" lacks (it has {id})"
+    );
+}
+
+#[test]
+fn secrets_never_come_from_the_file() {
+    let text = format!(
+        "{UPSTREAM}[store]\nbackend = \"redis\"\nurl = \"redis://:hunter2@127.0.0.1:6379\"\n"
+    );
+    assert!(err(&text).starts_with("cachegate.toml:5:7: store.url: must not contain a password"));
+    let text = format!("{UPSTREAM}[store]\nbackend = \"redis\"\npassword_env = \"NOPE\"\n");
+    assert_eq!(
+        err(&text),
+        "cachegate.toml:5:16: store.password_env: environment variable NOPE is not set (export it, or remove password_env)"
+    );
+}
+
+#[test]
+fn other_value_errors() {
+    assert!(
+        err("[upstream]\nurl = \"https://x\"\n").starts_with("cachegate.toml:2:7: upstream.url")
+    );
+    assert!(err("").starts_with("cachegate.toml:1:1: [upstream] is missing"));
+    assert!(
+        err(&format!("{UPSTREAM}[server]\nlisten = \"8080\"\n"))
+            .starts_with("cachegate.toml:4:10: server.listen")
+    );
+    assert!(
+        err(&format!("{UPSTREAM}[store]\nbackend = \"mongo\"\n"))
+            .starts_with("cachegate.toml:4:11: store.backend")
+    );
+    assert!(
+        err(&format!("{UPSTREAM}[cache]\nstatuses = [200, 700]\n"))
+            .starts_with("cachegate.toml:4:18: cache.statuses")
+    );
+    assert!(
+        err(&format!("{UPSTREAM}[cache]\nmax_object_size = \"lots\"\n")).contains("is not a size")
+    );
+    assert!(err(&format!("{UPSTREAM}[[rule]]\nmatch = \"/x\"\n")).contains("needs a name"));
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[[rule]]\nname = \"a b\"\nmatch = \"/x\"\n"
+        ))
+        .contains("must be 1 to 64")
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/x\"\nvary = [\"authorization\"]\n"
+        ))
+        .contains("use scope = \"user\"")
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/x\"\nquery = \"random\"\n"
+        ))
+        .contains("is not a policy")
+    );
+}
+
+#[test]
+fn zero_ttl_means_not_cached() {
+    let c = ok(&format!(
+        "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/x\"\nttl = \"0s\"\n"
+    ));
+    assert_eq!(c.rules.rules()[0].ttl, None);
+}

@@ -1,0 +1,13 @@
+//! cachegate: a read-through caching reverse proxy with a Redis session gate and purge on write.
+//!
+//! The engine is a library so tests and benches can start it in-process; `main.rs` is only
+//! the command line around it.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod metrics;
+pub mod normalize;
+pub mod proxy;
+pub mod rules;
+pub mod server;

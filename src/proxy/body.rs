@@ -1,0 +1,271 @@
+//! Response bodies: the boxed type handed to hyper, an idle timeout for upstream bodies, and
+//! the tee that streams a miss to the client while keeping a bounded copy for the store.
+//!
+//! Nothing here buffers without a cap: the tee drops its copy (and stops copying) as soon as
+//! the body passes `max_object_size`, and the client keeps streaming.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
+
+/// Error type of every body cachegate produces.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response cachegate sends.
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub fn empty() -> ProxyBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// The error an upstream body reports when it goes quiet for longer than the timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body stalled for longer than the upstream timeout")]
+pub struct BodyStalled;
+
+/// Fails a body that produces no frame for `timeout`, so a stalled upstream cannot pin a
+/// client connection (and a cache fill) forever.
+pub struct IdleTimeout<B> {
+    inner: B,
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl<B> IdleTimeout<B> {
+    pub fn new(inner: B, timeout: Duration) -> Self {
+        IdleTimeout {
+            inner,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = Instant::now() + this.timeout;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                ready!(this.sleep.as_mut().poll(cx));
+                Poll::Ready(Some(Err(Box::new(BodyStalled))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Called once with the complete body when a tee finishes within its limit.
+pub type OnComplete = Box<dyn FnOnce(Bytes) + Send + Sync>;
+
+/// Streams `inner` to the client and hands a copy (at most `limit` bytes) to `on_complete`
+/// when the body ends. Past the limit, on an error, or if the client goes away first, the
+/// copy is dropped and `on_complete` is never called (dropping it releases its waiters).
+///
+/// The copy is handed over before the last data frame is released to the client, so a
+/// client that reads its response and asks again finds the fill already finished.
+pub struct Tee<B> {
+    inner: B,
+    copy: Vec<Bytes>,
+    copied: usize,
+    limit: usize,
+    on_complete: Option<OnComplete>,
+}
+
+impl<B> Tee<B> {
+    pub fn new(inner: B, limit: usize, on_complete: OnComplete) -> Self {
+        Tee {
+            inner,
+            copy: Vec::new(),
+            copied: 0,
+            limit,
+            on_complete: Some(on_complete),
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(done) = self.on_complete.take() {
+            let parts = std::mem::take(&mut self.copy);
+            done(concat(parts, self.copied));
+        }
+    }
+
+    fn abandon(&mut self) {
+        self.on_complete = None;
+        self.copy = Vec::new();
+    }
+}
+
+/// Join chunks into one buffer (no copy for a single chunk).
+pub fn concat(mut parts: Vec<Bytes>, len: usize) -> Bytes {
+    match parts.len() {
+        0 => Bytes::new(),
+        1 => parts.pop().unwrap_or_default(),
+        _ => {
+            let mut buf = BytesMut::with_capacity(len);
+            for p in parts {
+                buf.extend_from_slice(&p);
+            }
+            buf.freeze()
+        }
+    }
+}
+
+impl<B> Body for Tee<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if this.on_complete.is_some()
+                    && let Some(data) = frame.data_ref()
+                {
+                    this.copied += data.len();
+                    if this.copied > this.limit {
+                        this.abandon();
+                    } else {
+                        this.copy.push(data.clone());
+                    }
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.abandon();
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                this.finish();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Read a whole body with no client attached, up to `limit` bytes (background fills).
+/// `Ok(None)` when the body is larger than the limit.
+pub async fn collect_limited<B>(mut body: B, limit: usize) -> Result<Option<Bytes>, BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut parts = Vec::new();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Into::into)?;
+        if let Ok(data) = frame.into_data() {
+            len += data.len();
+            if len > limit {
+                return Ok(None);
+            }
+            parts.push(data);
+        }
+    }
+    Ok(Some(concat(parts, len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    /// A body that yields the given chunks one frame at a time.
+    struct Chunks(VecDeque<Bytes>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> Chunks {
+        Chunks(parts.iter().map(|p| Bytes::from_static(p)).collect())
+    }
+
+    #[tokio::test]
+    async fn tee_hands_over_the_whole_body_within_the_limit() {
+        let got = Arc::new(Mutex::new(None));
+        let sink = got.clone();
+        let tee = Tee::new(
+            chunks(&[b"ab", b"cd"]),
+            10,
+            Box::new(move |b| *sink.lock().unwrap() = Some(b)),
+        );
+        let out = tee.collect().await.unwrap().to_bytes();
+        assert_eq!(out, "abcd");
+        assert_eq!(got.lock().unwrap().as_deref(), Some(&b"abcd"[..]));
+    }
+
+    #[tokio::test]
+    async fn tee_streams_but_drops_its_copy_past_the_limit() {
+        let got = Arc::new(Mutex::new(None));
+        let sink = got.clone();
+        let tee = Tee::new(
+            chunks(&[b"abc", b"def"]),
+            4,
+            Box::new(move |b| *sink.lock().unwrap() = Some(b)),
+        );
+        let out = tee.collect().await.unwrap().to_bytes();
+        assert_eq!(out, "abcdef", "the client still gets everything");
+        assert!(got.lock().unwrap().is_none(), "nothing stored");
+    }
+}

@@ -1,0 +1,157 @@
+//! Everything that can end a request early, and the one place errors become responses.
+//!
+//! Each variant maps to exactly one status and one blame (who caused it), and renders a
+//! small JSON body `{"error":"...","detail":"..."}` that never echoes request bytes.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::{ProxyBody, full};
+use crate::normalize::PathError;
+
+/// Who a failure is attributed to, for logs and alerting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request has no valid Host")]
+    BadHost,
+    #[error("request path refused: {0}")]
+    BadPath(PathError),
+    #[error("cannot connect to the upstream: {0}")]
+    UpstreamConnect(String),
+    #[error("upstream did not answer in time")]
+    UpstreamTimeout,
+    #[error("upstream request failed: {0}")]
+    UpstreamProtocol(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            ProxyError::BadPath(PathError::TooLong) => StatusCode::URI_TOO_LONG,
+            ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            ProxyError::BadHost | ProxyError::BadPath(_) => Blame::Downstream,
+            ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamTimeout
+            | ProxyError::UpstreamProtocol(_) => Blame::Upstream,
+            ProxyError::Internal(_) => Blame::Internal,
+        }
+    }
+
+    /// Stable machine-readable code for the JSON body and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadHost => "bad_host",
+            ProxyError::BadPath(_) => "bad_path",
+            ProxyError::UpstreamConnect(_) => "upstream_unreachable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamProtocol(_) => "upstream_error",
+            ProxyError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The human part of the body; never contains request bytes.
+    fn detail(&self) -> String {
+        match self {
+            ProxyError::BadHost => "the request must carry exactly one valid Host header".into(),
+            ProxyError::BadPath(e) => e.to_string(),
+            ProxyError::UpstreamConnect(_) => "the upstream refused or could not be reached".into(),
+            ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
+            ProxyError::UpstreamProtocol(_) => {
+                "the upstream answered with an invalid response".into()
+            }
+            ProxyError::Internal(_) => "internal error".into(),
+        }
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        json_error(self.status(), self.code(), &self.detail())
+    }
+}
+
+/// A small JSON error response.
+pub fn json_error(status: StatusCode, code: &str, detail: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": code, "detail": detail }).to_string();
+    let mut resp = Response::new(full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variant_maps_to_one_status_and_blame() {
+        let cases = [
+            (ProxyError::BadHost, 400, Blame::Downstream, "bad_host"),
+            (
+                ProxyError::BadPath(PathError::DotSegment),
+                400,
+                Blame::Downstream,
+                "bad_path",
+            ),
+            (
+                ProxyError::BadPath(PathError::TooLong),
+                414,
+                Blame::Downstream,
+                "bad_path",
+            ),
+            (
+                ProxyError::UpstreamConnect("refused".into()),
+                502,
+                Blame::Upstream,
+                "upstream_unreachable",
+            ),
+            (
+                ProxyError::UpstreamTimeout,
+                504,
+                Blame::Upstream,
+                "upstream_timeout",
+            ),
+            (
+                ProxyError::UpstreamProtocol("bad".into()),
+                502,
+                Blame::Upstream,
+                "upstream_error",
+            ),
+            (
+                ProxyError::Internal("bug".into()),
+                500,
+                Blame::Internal,
+                "internal_error",
+            ),
+        ];
+        for (e, status, blame, code) in cases {
+            assert_eq!(e.status().as_u16(), status, "{e}");
+            assert_eq!(e.blame(), blame, "{e}");
+            assert_eq!(e.code(), code, "{e}");
+            let resp = e.into_response();
+            assert_eq!(resp.headers()["content-type"], "application/json");
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Building responses from stored entries, conditional requests, and the cache headers every
+//! response carries (`Age`, `X-Cache`, RFC 9211 `Cache-Status`).
+
+use std::fmt::Write as _;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+
+use super::body::{ProxyBody, empty, full};
+use super::headers::{CACHE_STATUS, X_CACHE};
+use crate::cache::Outcome;
+use crate::cache::entry::Entry;
+use crate::cache::policy::http_date;
+
+/// What a request's journey looked like, for the cache headers and the access log.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub outcome: Outcome,
+    /// RFC 9211 `fwd` reason when the request went upstream (or would have).
+    pub fwd: Option<&'static str>,
+    pub fwd_status: Option<u16>,
+    pub stored: bool,
+    /// Remaining freshness in seconds (negative when stale).
+    pub ttl: Option<i64>,
+    pub detail: Option<&'static str>,
+    pub collapsed: bool,
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Trace {
+            outcome: Outcome::Bypass,
+            fwd: Some("bypass"),
+            fwd_status: None,
+            stored: false,
+            ttl: None,
+            detail: None,
+            collapsed: false,
+        }
+    }
+}
+
+impl Trace {
+    /// The `Cache-Status` member of this cache.
+    pub fn cache_status(&self) -> String {
+        let mut s = String::with_capacity(64);
+        s.push_str("cachegate");
+        let hit = matches!(self.outcome, Outcome::Hit | Outcome::Coalesced)
+            || (self.outcome == Outcome::Stale && self.fwd.is_none());
+        if hit {
+            s.push_str("; hit");
+        } else if let Some(fwd) = self.fwd {
+            let _ = write!(s, "; fwd={fwd}");
+        }
+        if let Some(st) = self.fwd_status {
+            let _ = write!(s, "; fwd-status={st}");
+        }
+        if self.stored {
+            s.push_str("; stored");
+        }
+        if self.collapsed {
+            s.push_str("; collapsed");
+        }
+        if let Some(ttl) = self.ttl {
+            let _ = write!(s, "; ttl={ttl}");
+        }
+        if let Some(d) = self.detail {
+            let _ = write!(s, "; detail={d}");
+        }
+        s
+    }
+
+    pub fn x_cache(&self) -> &'static str {
+        match self.outcome {
+            Outcome::Hit | Outcome::Stale | Outcome::Coalesced | Outcome::Revalidated => "HIT",
+            Outcome::Bypass => "BYPASS",
+            Outcome::Miss | Outcome::Uncacheable | Outcome::Error => "MISS",
+        }
+    }
+}
+
+/// Add `X-Cache` and append our `Cache-Status` member (RFC 9211 §2: the member of the cache
+/// nearest the client comes last).
+pub fn decorate(headers: &mut HeaderMap, trace: &Trace) {
+    headers.insert(X_CACHE.clone(), HeaderValue::from_static(trace.x_cache()));
+    let ours = trace.cache_status();
+    let value = match headers.get(&CACHE_STATUS).and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.is_empty() => format!("{prior}, {ours}"),
+        _ => ours,
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(CACHE_STATUS.clone(), v);
+    }
+}
+
+/// Seconds an entry has been in caches (RFC 9111 §4.2.3), at `now_ms`.
+pub fn current_age(entry: &Entry, now_ms: u64) -> u64 {
+    entry.age_at_store_s as u64 + now_ms.saturating_sub(entry.stored_at_ms) / 1000
+}
+
+/// Remaining freshness in whole seconds (negative once stale).
+pub fn ttl_left(entry: &Entry, now_ms: u64) -> i64 {
+    (entry.fresh_until_ms as i64 - now_ms as i64).div_euclid(1000)
+}
+
+/// Does a client's conditional GET/HEAD match this entry (RFC 9110 §13.2.2)? `If-None-Match`
+/// wins over `If-Modified-Since`.
+pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    if let Some(inm) = request.get(header::IF_NONE_MATCH) {
+        let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+            return false;
+        };
+        let Ok(list) = inm.to_str() else { return false };
+        let list = list.trim();
+        if list == "*" {
+            return true;
+        }
+        let opaque = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        let ours = opaque(etag);
+        return list.split(',').any(|t| opaque(t) == ours);
+    }
+    if let Some(ims) = http_date(request, header::IF_MODIFIED_SINCE) {
+        let Some(lm) = http_date(stored, header::LAST_MODIFIED) else {
+            return false;
+        };
+        return lm <= ims;
+    }
+    false
+}
+
+/// Fields a 304 carries (RFC 9110 §15.4.5).
+static NOT_MODIFIED_FIELDS: [header::HeaderName; 7] = [
+    header::CACHE_CONTROL,
+    header::CONTENT_LOCATION,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::VARY,
+    header::LAST_MODIFIED,
+];
+
+/// Answer a request from an entry: 304 for a matching conditional, headers only for HEAD,
+/// the stored body otherwise (shared, not copied).
+pub fn from_entry(
+    entry_status: StatusCode,
+    mut headers: HeaderMap,
+    body: bytes::Bytes,
+    age_s: u64,
+    method: &Method,
+    request: &HeaderMap,
+) -> Response<ProxyBody> {
+    let conditional = entry_status == StatusCode::OK && not_modified(request, &headers);
+    let mut resp = if conditional {
+        let mut kept = HeaderMap::with_capacity(NOT_MODIFIED_FIELDS.len() + 2);
+        for name in &NOT_MODIFIED_FIELDS {
+            for v in headers.get_all(name) {
+                kept.append(name.clone(), v.clone());
+            }
+        }
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        *r.headers_mut() = kept;
+        r
+    } else {
+        let len = body.len();
+        let mut r = if method == Method::HEAD {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+            Response::new(empty())
+        } else {
+            // hyper derives Content-Length from the body itself.
+            headers.remove(header::CONTENT_LENGTH);
+            Response::new(full(body))
+        };
+        *r.status_mut() = entry_status;
+        *r.headers_mut() = headers;
+        r
+    };
+    resp.headers_mut()
+        .insert(header::AGE, HeaderValue::from(age_s));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn conditional_matching() {
+        let stored = h(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
+        assert!(not_modified(
+            &h(&[("if-none-match", "\"v0\", \"v1\"")]),
+            &stored
+        ));
+        assert!(not_modified(&h(&[("if-none-match", "W/\"v1\"")]), &stored));
+        assert!(not_modified(&h(&[("if-none-match", "*")]), &stored));
+        assert!(!not_modified(&h(&[("if-none-match", "\"v2\"")]), &stored));
+        assert!(not_modified(
+            &h(&[("if-modified-since", "Sun, 06 Nov 1994 08:49:37 GMT")]),
+            &stored
+        ));
+        assert!(!not_modified(
+            &h(&[("if-modified-since", "Sat, 05 Nov 1994 08:49:37 GMT")]),
+            &stored
+        ));
+        // If-None-Match takes precedence.
+        assert!(!not_modified(
+            &h(&[
+                ("if-none-match", "\"v2\""),
+                ("if-modified-since", "Sun, 06 Nov 1994 08:49:37 GMT")
+            ]),
+            &stored
+        ));
+    }
+
+    #[test]
+    fn cache_status_members() {
+        let t = Trace {
+            outcome: Outcome::Hit,
+            fwd: None,
+            ttl: Some(42),
+            ..Trace::default()
+        };
+        assert_eq!(t.cache_status(), "cachegate; hit; ttl=42");
+        let t = Trace {
+            outcome: Outcome::Miss,
+            fwd: Some("uri-miss"),
+            fwd_status: Some(200),
+            stored: true,
+            ttl: Some(300),
+            ..Trace::default()
+        };
+        assert_eq!(
+            t.cache_status(),
+            "cachegate; fwd=uri-miss; fwd-status=200; stored; ttl=300"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "cache-status",
+            HeaderValue::from_static("origin-cache; hit"),
+        );
+        decorate(&mut headers, &t);
+        assert_eq!(
+            headers["cache-status"],
+            "origin-cache; hit, cachegate; fwd=uri-miss; fwd-status=200; stored; ttl=300"
+        );
+        assert_eq!(headers["x-cache"], "MISS");
+    }
+}

@@ -1,0 +1,89 @@
+//! The upstream client: pooled keep-alive HTTP/1.1 connections to `[upstream] url`.
+//!
+//! It turns transport failures into `ProxyError`s (connect -> 502, no answer in time -> 504)
+//! and wraps every response body in an idle timeout. It never looks at caching.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, Uri};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use super::body::{BoxError, IdleTimeout};
+use super::error::ProxyError;
+use crate::config::UpstreamConfig;
+
+/// Request body type sent upstream.
+pub type UpBody = BoxBody<Bytes, BoxError>;
+
+/// Response body type received from upstream.
+pub type DownBody = IdleTimeout<Incoming>;
+
+pub struct Upstream {
+    client: Client<HttpConnector, UpBody>,
+    cfg: UpstreamConfig,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(cfg.pool_max_idle)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .set_host(false)
+            .build(connector);
+        Upstream {
+            client,
+            cfg: cfg.clone(),
+        }
+    }
+
+    /// The upstream URI for a request's path and query (the base path is prefixed).
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        let mut pq = String::with_capacity(self.cfg.base_path.len() + path_and_query.len());
+        pq.push_str(&self.cfg.base_path);
+        pq.push_str(path_and_query);
+        Uri::builder()
+            .scheme(self.cfg.scheme.clone())
+            .authority(self.cfg.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ProxyError::Internal(format!("cannot build upstream URI: {e}")))
+    }
+
+    /// Send a request; the response head must arrive within `[upstream] timeout`.
+    pub async fn send(&self, req: Request<UpBody>) -> Result<Response<DownBody>, ProxyError> {
+        let fut = self.client.request(req);
+        let resp = match tokio::time::timeout(self.cfg.timeout, fut).await {
+            Err(_) => return Err(ProxyError::UpstreamTimeout),
+            Ok(Err(e)) if e.is_connect() => {
+                return Err(ProxyError::UpstreamConnect(error_chain(&e)));
+            }
+            Ok(Err(e)) => return Err(ProxyError::UpstreamProtocol(error_chain(&e))),
+            Ok(Ok(resp)) => resp,
+        };
+        let timeout = self.cfg.timeout;
+        Ok(resp.map(|b| IdleTimeout::new(b, timeout)))
+    }
+}
+
+/// An error and its sources on one line, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
