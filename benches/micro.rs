@@ -1,6 +1,7 @@
 //! Micro benchmarks of the hot path, each beside a baseline measured in the same run:
 //! rule matching (1,000 rules) vs an exact-path hash lookup, key building vs hashing the same
-//! bytes in one call, envelope encode/decode vs copying the same bytes.
+//! bytes in one call, envelope encode/decode vs copying the same bytes, the session gate's
+//! token check (HS256 verify + session key) vs only decoding the claims.
 //!
 //! `cargo bench --bench micro` prints criterion's numbers, then one ratio line per pair.
 
@@ -28,6 +29,8 @@ fn rule_table(n: usize) -> RuleTable {
                 query: QueryPolicy::Sorted,
                 vary: vec![],
                 tags,
+                auth: cachegate::auth::Policy::None,
+                scope: cachegate::rules::Scope::Anonymous,
             }
         })
         .collect();
@@ -143,24 +146,68 @@ fn envelope(c: &mut Criterion) {
     g.finish();
 }
 
+fn auth(c: &mut Criterion) {
+    use base64::Engine as _;
+    let secret = "bench-secret-0123456789abcdef";
+    let cfg = cachegate::config::Config::parse_with_env(
+        "bench.toml",
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[auth]\njwt_secret_env = \"S\"\n",
+        &|_| Some(secret.to_string()),
+    )
+    .expect("config");
+    let gate = cfg.auth.gate;
+    let claims =
+        serde_json::json!({"sub": "user-4242", "exp": 4_000_000_000u64, "iat": 1_700_000_000u64});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token");
+    let payload = token.split('.').nth(1).expect("payload").to_string();
+    let mut g = c.benchmark_group("auth");
+    g.bench_function("verify_hs256_and_render_key", |b| {
+        b.iter(|| {
+            black_box(
+                gate.claim_token(black_box(&token))
+                    .map(|c| c.session_key.len()),
+            )
+        })
+    });
+    g.bench_function("baseline_decode_claims_only", |b| {
+        b.iter(|| {
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(black_box(&payload))
+                .expect("b64");
+            black_box(serde_json::from_slice::<serde_json::Value>(&raw).map(|v| v.is_object()))
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = routing, keys, envelope
+    targets = routing, keys, envelope, auth
 }
 
-/// Mean time of a finished benchmark, from criterion's estimates file.
-fn mean_ns(group: &str, bench: &str) -> Option<f64> {
+/// Mean time of a benchmark finished in this run, from criterion's estimates file.
+fn mean_ns(group: &str, bench: &str, started: std::time::SystemTime) -> Option<f64> {
     let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let path = format!("{dir}/criterion/{group}/{bench}/new/estimates.json");
+    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    if modified < started {
+        return None;
+    }
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     v["mean"]["point_estimate"].as_f64()
 }
 
 fn main() {
+    let started = std::time::SystemTime::now();
     benches();
     Criterion::default().configure_from_args().final_summary();
     println!("\nratios against the baseline measured in this run (lower is better):");
@@ -169,8 +216,16 @@ fn main() {
         ("key", "build_entry_key", "baseline_blake3_same_bytes"),
         ("entry", "encode_1KiB", "baseline_copy_same_bytes"),
         ("entry", "decode_1KiB", "baseline_copy_same_bytes"),
+        (
+            "auth",
+            "verify_hs256_and_render_key",
+            "baseline_decode_claims_only",
+        ),
     ] {
-        match (mean_ns(group, bench), mean_ns(group, baseline)) {
+        match (
+            mean_ns(group, bench, started),
+            mean_ns(group, baseline, started),
+        ) {
             (Some(a), Some(b)) => println!(
                 "  {group}/{bench:<22} {a:>9.1} ns = {:>5.2} x {baseline} ({b:.1} ns)",
                 a / b

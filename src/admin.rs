@@ -1,6 +1,10 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz` on its own port.
+//! The admin listener: metrics, health and readiness, and the admin API (sessions; purge and
+//! explain come with their features).
 //!
-//! It must never be reachable through the proxy listener, and it never returns secrets.
+//! `/metrics`, `/healthz` and `/readyz` are open (scrapers and orchestrators call them). Every
+//! other endpoint needs `Authorization: Bearer <admin token>` from `[admin] token_env`, compared
+//! in constant time, and is refused outright when no admin token is configured. It must never
+//! be reachable through the proxy listener, and it never returns a session token.
 
 use std::sync::Arc;
 
@@ -8,10 +12,14 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use subtle::ConstantTimeEq;
 
+use crate::auth::valid_subject;
+use crate::cache::key;
+use crate::cache::store::Op;
 use crate::proxy::Engine;
 use crate::proxy::body::{ProxyBody, full};
-use crate::proxy::error::json_error;
+use crate::proxy::error::{json_error, json_response};
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body.into()));
@@ -27,24 +35,135 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
 
 /// Serve one admin request.
 pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let path = req.uri().path();
-    match (req.method(), path) {
+    let path = req.uri().path().to_string();
+    match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
             let mut resp = text(StatusCode::OK, engine.metrics.render());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
-            resp
+            return resp;
         }
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => match engine.readiness() {
-            Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(why) => text(
+        (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            return match engine.readiness() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            };
+        }
+        _ => {}
+    }
+    if let Some(refused) = refuse_unauthorized(&engine, &req) {
+        return refused;
+    }
+    if let Some(sub) = path.strip_prefix("/sessions/") {
+        return sessions(&engine, req.method(), sub).await;
+    }
+    json_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
+}
+
+/// The admin token check: the refusal to send, if any. Refuses everything when no token is
+/// configured.
+fn refuse_unauthorized(engine: &Engine, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let Some(expected) = engine.config.admin.token.as_deref() else {
+        return Some(json_error(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "the admin API is disabled: set [admin] token_env",
+        ));
+    };
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    match presented {
+        Some(t) if bool::from(t.as_bytes().ct_eq(expected.as_bytes())) => None,
+        _ => {
+            let mut resp = json_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid admin token is required",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"cachegate-admin\""),
+            );
+            Some(resp)
+        }
+    }
+}
+
+/// `GET /sessions/{sub}` (exists + TTL, never the token) and `DELETE /sessions/{sub}`
+/// (force logout: delete the key and drop the subject's cached entries).
+async fn sessions(engine: &Engine, method: &Method, raw_sub: &str) -> Response<ProxyBody> {
+    let Some(sub) = crate::normalize::percent_decode(raw_sub).filter(|s| valid_subject(s)) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_subject",
+            "the subject must be 1-256 visible ASCII characters",
+        );
+    };
+    let gate = &engine.config.auth.gate;
+    let Some(session_key) = gate.template.render_subject(&gate.subject_claim, &sub) else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported",
+            "auth.session_key names claims besides the subject; sessions cannot be addressed by subject alone",
+        );
+    };
+    let store = engine.cache.store();
+    match *method {
+        Method::GET => match store
+            .call(Op::Session, store.store().pttl(session_key.into_bytes()))
+            .await
+        {
+            Ok(ttl) => json_response(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "sub": sub,
+                    "exists": ttl.is_some(),
+                    "ttl_seconds": ttl.flatten().map(|d| d.as_secs()),
+                }),
+            ),
+            Err(e) => json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {why}\n"),
+                "store_unavailable",
+                &e.to_string(),
             ),
         },
-        _ => json_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+        Method::DELETE => {
+            let deleted = match store
+                .call(Op::Session, store.store().del(session_key.into_bytes()))
+                .await
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    return json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "store_unavailable",
+                        &e.to_string(),
+                    );
+                }
+            };
+            engine
+                .purge_tags(&[key::subject_tag(&sub)], "logout", None)
+                .await;
+            json_response(
+                StatusCode::OK,
+                &serde_json::json!({ "sub": sub, "deleted": deleted }),
+            )
+        }
+        _ => json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET or DELETE",
+        ),
     }
 }

@@ -4,6 +4,7 @@
 //! the command line around it.
 
 pub mod admin;
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod metrics;

@@ -17,6 +17,7 @@ use crate::cache::store::Op;
 /// Per-rule handles, resolved at start.
 pub struct RuleMetrics {
     outcomes: Vec<IntCounter>,
+    auth: Vec<IntCounter>,
     pub upstream: Histogram,
 }
 
@@ -70,6 +71,17 @@ impl Metrics {
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["rule"],
+            )
+            .expect("valid metric"),
+        );
+        let auth = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "cachegate_auth_total",
+                    "Session gate decisions by rule and result.",
+                ),
+                &["rule", "result"],
             )
             .expect("valid metric"),
         );
@@ -137,6 +149,10 @@ impl Metrics {
                     .iter()
                     .map(|o| requests.with_label_values(&[name, o.as_str()]))
                     .collect(),
+                auth: crate::auth::RESULTS
+                    .iter()
+                    .map(|r| auth.with_label_values(&[name, r]))
+                    .collect(),
                 upstream: upstream.with_label_values(&[name]),
             })
             .collect();
@@ -194,6 +210,13 @@ impl Metrics {
 impl RuleMetrics {
     pub fn outcome(&self, o: Outcome) {
         self.outcomes[o as usize].inc();
+    }
+
+    /// Count a session gate decision (`result` is one of `auth::RESULTS`).
+    pub fn auth(&self, result: &str) {
+        if let Some(i) = crate::auth::RESULTS.iter().position(|r| *r == result) {
+            self.auth[i].inc();
+        }
     }
 }
 

@@ -25,6 +25,8 @@ pub enum PathError {
     BadEscape,
     #[error("the path contains a backslash or a control character")]
     BadCharacter,
+    #[error("the path contains a ';' (path parameters are read differently by different servers)")]
+    PathParameter,
     #[error("the path is longer than 8 KiB")]
     TooLong,
 }
@@ -42,14 +44,28 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// May this byte appear literally in a path segment (RFC 3986 `pchar` minus '%')?
+fn is_pchar(b: u8) -> bool {
+    is_unreserved(b) || b"!$&'()*+,;=:@".contains(&b)
+}
+
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Normalize percent-escapes (RFC 3986 §6.2.2): decode unreserved characters, upper-case the
 /// hex of the others. Returns `None` for a malformed escape. `forbid` lists decoded bytes
 /// that make the input ambiguous (reported as `Err(byte)`).
-fn normalize_escapes<'a>(input: &'a str, forbid: &[u8]) -> Result<Cow<'a, str>, Option<u8>> {
+fn normalize_escapes<'a>(
+    input: &'a str,
+    forbid: &[u8],
+    escape_raw: bool,
+) -> Result<Cow<'a, str>, Option<u8>> {
     let bytes = input.as_bytes();
-    let Some(first) = bytes.iter().position(|&b| b == b'%') else {
+    let needs_work = |b: &u8| {
+        *b == b'%'
+            || *b >= 0x80
+            || (escape_raw && b.is_ascii_graphic() && !is_pchar(*b) && *b != b'/')
+    };
+    let Some(first) = bytes.iter().position(needs_work) else {
         return Ok(Cow::Borrowed(input));
     };
     let mut out = Vec::with_capacity(bytes.len());
@@ -59,7 +75,20 @@ fn normalize_escapes<'a>(input: &'a str, forbid: &[u8]) -> Result<Cow<'a, str>, 
     while i < bytes.len() {
         let b = bytes[i];
         if b != b'%' {
-            out.push(b);
+            if b >= 0x80
+                || (b.is_ascii_graphic() && !is_pchar(b) && b != b'/' && b != b'%' && escape_raw)
+            {
+                // Raw bytes outside pchar (UTF-8, '"', '{', ...) get their escaped spelling,
+                // the one every other client sends for the same resource.
+                out.extend_from_slice(&[
+                    b'%',
+                    HEX_UPPER[(b >> 4) as usize],
+                    HEX_UPPER[(b & 15) as usize],
+                ]);
+                changed = true;
+            } else {
+                out.push(b);
+            }
             i += 1;
             continue;
         }
@@ -105,7 +134,10 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if raw.bytes().any(|b| b == b'\\' || b.is_ascii_control()) {
         return Err(PathError::BadCharacter);
     }
-    let path = normalize_escapes(raw, b"/\\").map_err(|e| match e {
+    if raw.contains(';') {
+        return Err(PathError::PathParameter);
+    }
+    let path = normalize_escapes(raw, b"/\\", true).map_err(|e| match e {
         Some(_) => PathError::EncodedSeparator,
         None => PathError::BadEscape,
     })?;
@@ -121,6 +153,25 @@ pub fn canonical_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
         }
     }
     Ok(path)
+}
+
+/// Decode every percent-escape of a single path segment; `None` when malformed or not UTF-8.
+pub fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let h = hex(*bytes.get(i + 1)?)?;
+            let l = hex(*bytes.get(i + 2)?)?;
+            out.push(h * 16 + l);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// A query parameter name and value in normalized (escape-canonical) spelling.
@@ -151,7 +202,7 @@ pub fn normalized_query(raw: Option<&str>, keep: QueryKeep<'_>, out: &mut String
         if piece.is_empty() {
             continue;
         }
-        let whole = normalize_escapes(piece, &[]).unwrap_or(Cow::Borrowed(piece));
+        let whole = normalize_escapes(piece, &[], false).unwrap_or(Cow::Borrowed(piece));
         let name_end = whole.find('=').unwrap_or(whole.len());
         let name = match &whole {
             Cow::Borrowed(s) => Cow::Borrowed(&s[..name_end]),
@@ -189,6 +240,16 @@ mod tests {
         assert_eq!(canonical_path("/").unwrap(), "/");
         assert_eq!(canonical_path("/user/42/").unwrap(), "/user/42/");
         assert_eq!(canonical_path("/caf%C3%A9").unwrap(), "/caf%C3%A9");
+        assert_eq!(
+            canonical_path("/café").unwrap(),
+            "/caf%C3%A9",
+            "raw UTF-8 gets its escaped spelling"
+        );
+        assert_eq!(canonical_path("/a\"b{c}").unwrap(), "/a%22b%7Bc%7D");
+        assert_eq!(
+            canonical_path("/a:b@c!$&'()*+,=").unwrap(),
+            "/a:b@c!$&'()*+,="
+        );
     }
 
     #[test]
@@ -204,8 +265,29 @@ mod tests {
         assert_eq!(canonical_path("/a%4"), Err(PathError::BadEscape));
         assert_eq!(canonical_path("*"), Err(PathError::NotOriginForm));
         assert_eq!(canonical_path("/a\\b"), Err(PathError::BadCharacter));
+        assert_eq!(
+            canonical_path("/pub/..;/admin"),
+            Err(PathError::PathParameter)
+        );
+        assert_eq!(canonical_path("/r/42;x"), Err(PathError::PathParameter));
+        assert_eq!(
+            canonical_path("/r/42%3Bx").unwrap(),
+            "/r/42%3Bx",
+            "an escaped ';' is data"
+        );
         let long = format!("/{}", "a".repeat(MAX_PATH));
         assert_eq!(canonical_path(&long), Err(PathError::TooLong));
+    }
+
+    #[test]
+    fn segments_decode() {
+        assert_eq!(
+            percent_decode("alice%40example.com").as_deref(),
+            Some("alice@example.com")
+        );
+        assert_eq!(percent_decode("42").as_deref(), Some("42"));
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
     }
 
     fn q(raw: &str, keep: QueryKeep<'_>) -> String {

@@ -10,7 +10,30 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use crate::auth::Policy;
 use crate::config::units::format_duration;
+
+/// Whose entry a cached response is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// One entry shared by every caller, authenticated or not.
+    Public,
+    /// One entry per verified session subject.
+    User,
+    /// Anonymous requests share entries; requests carrying Authorization bypass the cache
+    /// (RFC 9111 §3.5).
+    Anonymous,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Public => "public",
+            Scope::User => "user",
+            Scope::Anonymous => "anonymous",
+        }
+    }
+}
 
 /// What a rule does with the query string when it builds cache keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +198,8 @@ pub struct RuleSpec {
     pub query: QueryPolicy,
     pub vary: Vec<HeaderName>,
     pub tags: Vec<TagTemplate>,
+    pub auth: Policy,
+    pub scope: Scope,
 }
 
 /// A compiled rule.
@@ -189,6 +214,8 @@ pub struct Rule {
     pub query: QueryPolicy,
     pub vary: Vec<HeaderName>,
     pub tags: Vec<TagTemplate>,
+    pub auth: Policy,
+    pub scope: Scope,
 }
 
 /// Rule names label metrics, so they are short and plain.
@@ -318,6 +345,8 @@ impl RuleTable {
                 query: spec.query,
                 vary: spec.vary,
                 tags: spec.tags,
+                auth: spec.auth,
+                scope: spec.scope,
             });
         }
         let rank = rules
@@ -385,8 +414,8 @@ impl RuleTable {
         }
         let _ = writeln!(
             out,
-            "{:<16} {:<28} {:<8} {:<10} tags",
-            "rule", "match", "ttl", "query"
+            "{:<16} {:<28} {:<8} {:<10} {:<9} {:<10} tags",
+            "rule", "match", "ttl", "query", "auth", "scope"
         );
         for r in &self.rules {
             let ttl = r.ttl.map(format_duration).unwrap_or_else(|| "-".into());
@@ -398,11 +427,13 @@ impl RuleTable {
             let tags: Vec<&str> = r.tags.iter().map(|t| t.source.as_str()).collect();
             let _ = write!(
                 out,
-                "{:<16} {:<28} {:<8} {:<10} {}",
+                "{:<16} {:<28} {:<8} {:<10} {:<9} {:<10} {}",
                 r.name,
                 r.template.source,
                 ttl,
                 query,
+                r.auth.as_str(),
+                r.scope.as_str(),
                 tags.join(",")
             );
             if !r.vary.is_empty() {
@@ -429,6 +460,8 @@ mod tests {
             query: QueryPolicy::Sorted,
             vary: vec![],
             tags,
+            auth: Policy::None,
+            scope: Scope::Anonymous,
         }
     }
 

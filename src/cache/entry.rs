@@ -25,6 +25,9 @@ pub mod flags {
     pub const NO_CACHE: u16 = 1;
     /// Stale reuse is forbidden (`must-revalidate` / `proxy-revalidate` / s-maxage).
     pub const MUST_REVALIDATE: u16 = 2;
+    /// Not a response: a marker saying the origin varies on `vary`, whose variants are
+    /// stored under keys that include those request headers.
+    pub const VARY_INDEX: u16 = 4;
 }
 
 /// One cached response and its bookkeeping.

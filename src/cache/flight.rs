@@ -7,7 +7,9 @@
 //! after the fill started) never joins it and starts its own fill instead.
 //!
 //! A finished flight stays joinable until its store write completes, so a request arriving
-//! between "body complete" and "entry written" is served from the finished fill.
+//! between "body complete" and "entry written" is served from the finished fill. After the
+//! write it lingers briefly as `Stored`: a request whose lookup ran just before the write
+//! landed is told to look up again rather than fetch the same response a second time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,8 +23,11 @@ use super::key::Id;
 #[derive(Clone)]
 pub enum FlightState {
     Pending,
-    /// The fill finished with a storable response.
+    /// The fill finished with a storable response (its store write may still be running).
     Done(Arc<Entry>),
+    /// The entry is in the store. Waiters already on the flight still take it from here;
+    /// requests joining now read it from the store.
+    Stored(Arc<Entry>),
     /// The fill ended without a storable response; waiters fetch for themselves.
     Failed,
 }
@@ -78,6 +83,8 @@ pub enum Joined {
     Leader(Leader),
     /// Wait on this for the leader's result.
     Waiter(watch::Receiver<FlightState>),
+    /// A fill for this key was just written: look up again.
+    Relookup,
 }
 
 fn lock(map: &Map) -> std::sync::MutexGuard<'_, HashMap<Id, Arc<Flight>>> {
@@ -85,13 +92,17 @@ fn lock(map: &Map) -> std::sync::MutexGuard<'_, HashMap<Id, Arc<Flight>>> {
 }
 
 impl Flights {
-    /// Lead a new fill for `id`, or wait on the compatible one under way.
-    pub fn join(&self, id: Id, gens: &[Option<u64>]) -> Joined {
+    /// Lead a new fill for `id`, or wait on the compatible one under way. `relookup`: the
+    /// caller may be sent back to the store once if a fill was just written.
+    pub fn join(&self, id: Id, gens: &[Option<u64>], relookup: bool) -> Joined {
         let mut map = lock(&self.map);
         if let Some(f) = map.get(&id) {
-            let failed = matches!(*f.state.borrow(), FlightState::Failed);
-            if !failed && f.serves(gens) {
-                return Joined::Waiter(f.state.subscribe());
+            match &*f.state.borrow() {
+                FlightState::Stored(_) if relookup => return Joined::Relookup,
+                FlightState::Pending | FlightState::Done(_) if f.serves(gens) => {
+                    return Joined::Waiter(f.state.subscribe());
+                }
+                _ => {}
             }
         }
         let flight = Arc::new(Flight {
@@ -131,9 +142,18 @@ impl Leader {
         let _ = self.flight.recorded.set(gens);
     }
 
-    /// Publish the finished entry to waiters (and to joiners until this handle drops).
+    /// Publish the finished entry to waiters (and to joiners until `stored`).
     pub fn complete(&self, entry: Arc<Entry>) {
         self.flight.state.send_replace(FlightState::Done(entry));
+    }
+
+    /// The entry is in the store; late joiners read it from there.
+    pub fn stored(&self) {
+        self.flight.state.send_modify(|s| {
+            if let FlightState::Done(e) = s {
+                *s = FlightState::Stored(e.clone());
+            }
+        });
     }
 }
 
@@ -160,12 +180,15 @@ mod tests {
     fn second_request_waits_and_a_purge_starts_a_new_flight() {
         let flights = Flights::default();
         let id = Id([1; 16]);
-        let Joined::Leader(leader) = flights.join(id, &[Some(5)]) else {
+        let Joined::Leader(leader) = flights.join(id, &[Some(5)], true) else {
             panic!("first is leader")
         };
-        assert!(matches!(flights.join(id, &[Some(5)]), Joined::Waiter(_)));
+        assert!(matches!(
+            flights.join(id, &[Some(5)], true),
+            Joined::Waiter(_)
+        ));
         // Someone saw generation 6: a purge landed after the leader read 5.
-        let Joined::Leader(newer) = flights.join(id, &[Some(6)]) else {
+        let Joined::Leader(newer) = flights.join(id, &[Some(6)], true) else {
             panic!("a newer generation must not join an older fill")
         };
         drop(leader);
@@ -182,11 +205,14 @@ mod tests {
     fn a_generation_being_initialized_is_checked_when_the_entry_is_done() {
         let flights = Flights::default();
         let id = Id([5; 16]);
-        let Joined::Leader(leader) = flights.join(id, &[None]) else {
+        let Joined::Leader(leader) = flights.join(id, &[None], true) else {
             panic!()
         };
         // The leader is initializing the generation; whatever a joiner saw, it may wait...
-        assert!(matches!(flights.join(id, &[Some(9)]), Joined::Waiter(_)));
+        assert!(matches!(
+            flights.join(id, &[Some(9)], true),
+            Joined::Waiter(_)
+        ));
         leader.set_recorded(vec![7]);
         // ...but the finished entry only serves requests that saw what it recorded.
         let mut e = crate::cache::entry::tests::sample();
@@ -200,10 +226,10 @@ mod tests {
     fn dropping_the_leader_fails_waiters() {
         let flights = Flights::default();
         let id = Id([2; 16]);
-        let Joined::Leader(leader) = flights.join(id, &[]) else {
+        let Joined::Leader(leader) = flights.join(id, &[], true) else {
             panic!()
         };
-        let Joined::Waiter(rx) = flights.join(id, &[]) else {
+        let Joined::Waiter(rx) = flights.join(id, &[], true) else {
             panic!()
         };
         drop(leader);
@@ -211,11 +237,34 @@ mod tests {
     }
 
     #[test]
-    fn keys_never_share_a_flight() {
+    fn a_stored_flight_sends_joiners_back_to_the_store_once() {
         let flights = Flights::default();
-        let Joined::Leader(_a) = flights.join(Id([3; 16]), &[]) else {
+        let id = Id([6; 16]);
+        let Joined::Leader(leader) = flights.join(id, &[], true) else {
             panic!()
         };
-        assert!(matches!(flights.join(Id([4; 16]), &[]), Joined::Leader(_)));
+        leader.complete(Arc::new(crate::cache::entry::tests::sample()));
+        assert!(
+            matches!(flights.join(id, &[], true), Joined::Waiter(_)),
+            "written yet? serve the fill"
+        );
+        leader.stored();
+        assert!(matches!(flights.join(id, &[], true), Joined::Relookup));
+        assert!(
+            matches!(flights.join(id, &[], false), Joined::Leader(_)),
+            "only once"
+        );
+    }
+
+    #[test]
+    fn keys_never_share_a_flight() {
+        let flights = Flights::default();
+        let Joined::Leader(_a) = flights.join(Id([3; 16]), &[], true) else {
+            panic!()
+        };
+        assert!(matches!(
+            flights.join(Id([4; 16]), &[], true),
+            Joined::Leader(_)
+        ));
     }
 }

@@ -6,6 +6,7 @@
 
 use http::HeaderMap;
 use http::HeaderName;
+use http::header::ACCEPT_ENCODING;
 
 /// Domain separation for entry keys; bump the suffix only with a deliberate key migration.
 const KEY_DOMAIN: &[u8] = b"cachegate/entry/v1";
@@ -83,6 +84,12 @@ impl KeyParts<'_> {
         h.update(&(self.vary.len() as u64).to_le_bytes());
         for name in self.vary {
             part(&mut h, name.as_str().as_bytes());
+            if name == ACCEPT_ENCODING {
+                // A few buckets, not every spelling browsers send, so variants don't explode.
+                h.update(&1u64.to_le_bytes());
+                part(&mut h, accept_encoding_bucket(self.headers).as_bytes());
+                continue;
+            }
             let values = self.headers.get_all(name);
             let count = values.iter().count() as u64;
             h.update(&count.to_le_bytes());
@@ -100,6 +107,42 @@ impl KeyParts<'_> {
             }
         }
         Id::from_hasher(&h)
+    }
+}
+
+/// The coding a client's `Accept-Encoding` is bucketed into: `gzip` when it accepts gzip,
+/// else `br` when it accepts brotli, else `identity`. Fills forward the bucket, so a stored
+/// variant is always one every client of its bucket can decode.
+pub fn accept_encoding_bucket(headers: &HeaderMap) -> &'static str {
+    let mut gzip = false;
+    let mut br = false;
+    for value in headers.get_all(ACCEPT_ENCODING) {
+        let Ok(text) = value.to_str() else { continue };
+        for item in text.split(',') {
+            let mut parts = item.split(';');
+            let coding = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let refused = parts.any(|p| {
+                let p = p.trim();
+                p.strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            if refused {
+                continue;
+            }
+            match coding.as_str() {
+                "gzip" | "x-gzip" | "*" => gzip = true,
+                "br" => br = true,
+                _ => {}
+            }
+        }
+    }
+    if gzip {
+        "gzip"
+    } else if br {
+        "br"
+    } else {
+        "identity"
     }
 }
 
@@ -212,6 +255,36 @@ mod tests {
         let ids = [&none, &empty, &fr].map(|h| parts(h, &vary, None).id());
         assert_ne!(ids[0], ids[1]);
         assert_ne!(ids[1], ids[2]);
+    }
+
+    #[test]
+    fn accept_encoding_is_bucketed() {
+        let bucket = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(ACCEPT_ENCODING, http::HeaderValue::from_static(v));
+            accept_encoding_bucket(&h)
+        };
+        assert_eq!(bucket("gzip, deflate, br"), "gzip");
+        assert_eq!(bucket("br"), "br");
+        assert_eq!(bucket("gzip;q=0, br"), "br");
+        assert_eq!(bucket("deflate"), "identity");
+        assert_eq!(accept_encoding_bucket(&HeaderMap::new()), "identity");
+        let vary = [ACCEPT_ENCODING];
+        let mut a = HeaderMap::new();
+        a.insert(
+            ACCEPT_ENCODING,
+            http::HeaderValue::from_static("gzip, deflate"),
+        );
+        let mut b = HeaderMap::new();
+        b.insert(
+            ACCEPT_ENCODING,
+            http::HeaderValue::from_static("deflate, gzip;q=0.8"),
+        );
+        assert_eq!(
+            parts(&a, &vary, None).id(),
+            parts(&b, &vary, None).id(),
+            "same bucket, same entry"
+        );
     }
 
     #[test]

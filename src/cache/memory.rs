@@ -41,9 +41,14 @@ impl Expiry<Arc<[u8]>, Value> for ByDeadline {
 /// The in-process store.
 pub struct MemoryStore {
     entries: Cache<Arc<[u8]>, Value>,
+    /// Tag generations: bounded by bytes, apart from sessions so fills cannot evict those
+    /// (a lost generation only turns hits into misses).
+    generations: Cache<Arc<[u8]>, Value>,
+    /// Sessions and locks.
     small: Cache<Arc<[u8]>, Value>,
-    /// Key prefix of entries (`{prefix}e:`); everything else is small bookkeeping.
+    /// Key prefixes of entries (`{prefix}e:`) and generations (`{prefix}g:`).
     entry_prefix: Vec<u8>,
+    generation_prefix: Vec<u8>,
     /// Serializes read-modify-write operations (SET NX, DEL IF EQUALS).
     lock: std::sync::Mutex<()>,
 }
@@ -57,16 +62,26 @@ impl MemoryStore {
             })
             .expire_after(ByDeadline)
             .build();
+        let generations = Cache::builder()
+            .max_capacity((max_bytes / 8).max(16 << 20))
+            .weigher(|k: &Arc<[u8]>, v: &Value| (k.len() + v.bytes.len() + 64) as u32)
+            .expire_after(ByDeadline)
+            .build();
         let small = Cache::builder()
             .max_capacity(1_000_000)
             .expire_after(ByDeadline)
             .build();
-        let mut entry_prefix = prefix.as_bytes().to_vec();
-        entry_prefix.extend_from_slice(b"e:");
+        let kind = |k: &[u8]| {
+            let mut p = prefix.as_bytes().to_vec();
+            p.extend_from_slice(k);
+            p
+        };
         MemoryStore {
             entries,
+            generations,
             small,
-            entry_prefix,
+            entry_prefix: kind(b"e:"),
+            generation_prefix: kind(b"g:"),
             lock: std::sync::Mutex::new(()),
         }
     }
@@ -74,6 +89,8 @@ impl MemoryStore {
     fn map(&self, key: &[u8]) -> &Cache<Arc<[u8]>, Value> {
         if key.starts_with(&self.entry_prefix) {
             &self.entries
+        } else if key.starts_with(&self.generation_prefix) {
+            &self.generations
         } else {
             &self.small
         }
@@ -122,13 +139,14 @@ impl Store for MemoryStore {
 
     fn put<'a>(
         &'a self,
-        key: Vec<u8>,
-        value: Bytes,
+        items: Vec<(Vec<u8>, Bytes)>,
         ttl: Duration,
         touch: Vec<Vec<u8>>,
         touch_ttl: Duration,
     ) -> BoxFut<'a, Result<(), StoreError>> {
-        self.set(&key, value, Some(ttl));
+        for (key, value) in items {
+            self.set(&key, value, Some(ttl));
+        }
         let _g = self.guard();
         for k in &touch {
             self.expire(k, touch_ttl);
@@ -286,8 +304,7 @@ mod tests {
         let s = MemoryStore::new(1 << 20, "p:");
         let k = b"p:e:1".to_vec();
         s.put(
-            k.clone(),
-            Bytes::from_static(b"x"),
+            vec![(k.clone(), Bytes::from_static(b"x"))],
             Duration::ZERO,
             vec![],
             Duration::ZERO,

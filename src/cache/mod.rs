@@ -253,17 +253,48 @@ impl Cache {
         Ok(out)
     }
 
-    /// Store an entry for `ttl`, and extend its tags' generation keys to outlive it.
-    pub async fn put(&self, entry: &Entry, ttl: Duration) -> Result<(), StoreError> {
-        let key = self.entry_key(&entry.key);
-        let touch = entry.gens.iter().map(|(t, _)| self.gen_key(t)).collect();
-        let value = entry.encode();
+    /// Store entries (a response, and its vary marker if any) for `ttl` in one round trip,
+    /// and extend their tags' generation keys to outlive them.
+    pub async fn put(&self, entries: &[&Entry], ttl: Duration) -> Result<(), StoreError> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        let items = entries
+            .iter()
+            .map(|e| (self.entry_key(&e.key), e.encode()))
+            .collect();
+        let touch = first.gens.iter().map(|(t, _)| self.gen_key(t)).collect();
         self.store
             .call(
                 Op::Put,
-                self.store.store().put(key, value, ttl, touch, self.gen_ttl),
+                self.store.store().put(items, ttl, touch, self.gen_ttl),
             )
             .await
+    }
+
+    /// Read one more entry (a variant named by a vary marker) against generations already
+    /// read by the lookup.
+    pub async fn lookup_entry(
+        &self,
+        id: &Id,
+        tags: &[Id],
+        gens: &[Option<u64>],
+    ) -> Result<Found, StoreError> {
+        let mut values = self
+            .store
+            .call(
+                Op::Lookup,
+                self.store.store().get_many(vec![self.entry_key(id)]),
+            )
+            .await?;
+        Ok(match values.pop().flatten() {
+            None => Found::Absent,
+            Some(bytes) => match Entry::decode(bytes, id) {
+                Err(_) => Found::Corrupt,
+                Ok(entry) if generations_match(&entry, tags, gens) => Found::Entry(entry),
+                Ok(_) => Found::Dead,
+            },
+        })
     }
 
     /// Purge: give each tag a new generation (one round trip).
@@ -340,7 +371,7 @@ mod tests {
         let gens = c.record_gens(&tags, &first.gens).await.unwrap();
         assert!(gens.iter().all(|g| *g != 0));
         let e = entry(id, tags.iter().copied().zip(gens.iter().copied()).collect());
-        c.put(&e, Duration::from_secs(60)).await.unwrap();
+        c.put(&[&e], Duration::from_secs(60)).await.unwrap();
         assert!(matches!(
             c.lookup(&id, &tags, None).await.unwrap().found,
             Found::Entry(_)
@@ -362,7 +393,7 @@ mod tests {
         // The write lands while the fill is at the upstream.
         c.bump(&tags).await.unwrap();
         c.put(
-            &entry(id, vec![(tags[0], recorded[0])]),
+            &[&entry(id, vec![(tags[0], recorded[0])])],
             Duration::from_secs(60),
         )
         .await

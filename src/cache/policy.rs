@@ -59,8 +59,10 @@ impl CacheControl {
     pub fn parse(headers: &HeaderMap) -> CacheControl {
         let mut cc = CacheControl::default();
         for value in headers.get_all(header::CACHE_CONTROL) {
-            let Ok(text) = value.to_str() else { continue };
-            for (name, arg) in directives(text) {
+            // Bytes outside visible ASCII (in some extension's quoted value) must not hide a
+            // `private` or `no-store` in the same line.
+            let text = String::from_utf8_lossy(value.as_bytes());
+            for (name, arg) in directives(&text) {
                 let secs = || -> u64 {
                     arg.and_then(|a| {
                         let a = a.trim_matches('"');
@@ -228,10 +230,13 @@ pub fn decide(
     }
     let lifetime_s = explicit.map_or(ttl_s, |e| e.min(ttl_s));
     // RFC 9111 §4.2.3: the age a response already has when it arrives.
+    // RFC 9111 §1.2.2: a delta-seconds too large to represent means 2^31 (stale on arrival).
     let age_value = headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+        .map(|s| s.parse::<u64>().unwrap_or(1 << 31).min(1 << 31))
         .unwrap_or(0);
     let apparent_age = date_s
         .map(|d| (now_ms / 1000).saturating_sub(d))
@@ -361,6 +366,26 @@ mod tests {
         assert_eq!(
             fresh_s(&[("cache-control", "max-age=60"), ("age", "20")], R),
             Ok(40)
+        );
+        assert_eq!(
+            fresh_s(
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("age", "99999999999999999999")
+                ],
+                R
+            ),
+            Err("stale-on-arrival")
+        );
+        let mut h8 = h(&[]);
+        h8.insert(
+            "cache-control",
+            HeaderValue::from_bytes(b"private, ext=\"caf\xc3\xa9\"").unwrap(),
+        );
+        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        assert_eq!(
+            decide(StatusCode::OK, &h8, &rule(R), &statuses, NOW),
+            Err("private")
         );
         let date = format_http_date(NOW / 1000);
         let expires = format_http_date(NOW / 1000 + 100);

@@ -93,19 +93,20 @@ impl Store for RedisStore {
 
     fn put<'a>(
         &'a self,
-        key: Vec<u8>,
-        value: Bytes,
+        items: Vec<(Vec<u8>, Bytes)>,
         ttl: Duration,
         touch: Vec<Vec<u8>>,
         touch_ttl: Duration,
     ) -> BoxFut<'a, Result<(), StoreError>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(&key)
-            .arg(value.as_ref())
-            .arg("PX")
-            .arg(ms(ttl))
-            .ignore();
+        for (key, value) in &items {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(value.as_ref())
+                .arg("PX")
+                .arg(ms(ttl))
+                .ignore();
+        }
         for k in &touch {
             pipe.cmd("PEXPIRE").arg(k).arg(ms(touch_ttl)).ignore();
         }

@@ -37,11 +37,10 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         keys: Vec<Vec<u8>>,
     ) -> BoxFut<'a, Result<Vec<Option<Bytes>>, StoreError>>;
-    /// SET key value PX ttl, and PEXPIRE each `touch` key to `touch_ttl`.
+    /// SET each key to its value PX ttl, and PEXPIRE each `touch` key to `touch_ttl`.
     fn put<'a>(
         &'a self,
-        key: Vec<u8>,
-        value: Bytes,
+        items: Vec<(Vec<u8>, Bytes)>,
         ttl: Duration,
         touch: Vec<Vec<u8>>,
         touch_ttl: Duration,

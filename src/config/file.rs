@@ -18,8 +18,53 @@ pub struct FileConfig {
     pub store: Option<StoreFile>,
     #[serde(default)]
     pub cache: CacheFile,
+    pub auth: Option<Spanned<AuthFile>>,
+    #[serde(default)]
+    pub admin: AdminFile,
     #[serde(default)]
     pub rule: Vec<Spanned<RuleFile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    pub default: Option<Text>,
+    pub session_key: Option<Text>,
+    pub subject_claim: Option<Text>,
+    pub jwt_secret_env: Option<Text>,
+    pub jwt_public_key_file: Option<Text>,
+    pub algorithms: Option<Spanned<Vec<Text>>>,
+    pub leeway: Option<Text>,
+    pub audience: Option<Text>,
+    pub issuer: Option<Text>,
+    pub on_store_error: Option<Text>,
+    pub retry_after: Option<Text>,
+    pub subject_header: Option<Text>,
+    pub login: Option<Spanned<LoginFile>>,
+    pub logout: Option<Spanned<LogoutFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginFile {
+    pub path: Option<Text>,
+    pub method: Option<Text>,
+    pub token_pointer: Option<Text>,
+    pub default_ttl: Option<Text>,
+    pub max_body: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogoutFile {
+    pub path: Option<Text>,
+    pub method: Option<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub token_env: Option<Text>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,4 +124,6 @@ pub struct RuleFile {
     pub query: Option<Spanned<QueryFile>>,
     pub vary: Option<Vec<Text>>,
     pub tags: Option<Vec<Text>>,
+    pub auth: Option<Text>,
+    pub scope: Option<Text>,
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 
-use crate::rules::{QueryPolicy, RuleSpec, RuleTable};
+use crate::auth::jwt::{KeySource, Verifier};
+use crate::auth::{Gate, OnStoreError, Policy, SessionTemplate};
+use crate::rules::{QueryPolicy, RuleSpec, RuleTable, Scope};
 use file::{FileConfig, QueryFile, Text};
 
 /// A configuration error, ready to print: `FILE:LINE:COL: message`.
@@ -41,7 +43,59 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub store: StoreConfig,
     pub cache: CacheConfig,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
     pub rules: RuleTable,
+}
+
+/// Compiled `[auth]`.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Policy of paths no rule matches.
+    pub default: Policy,
+    pub gate: Gate,
+    pub on_store_error: OnStoreError,
+    /// Seconds announced in `Retry-After` of a 503 for an unreachable session store.
+    pub retry_after: Duration,
+    /// Header carrying the verified subject to the upstream (client copies are stripped).
+    pub subject_header: http::HeaderName,
+    pub login: Option<LoginConfig>,
+    pub logout: Option<LogoutConfig>,
+}
+
+/// `[auth.login]`: capture the token of a successful login into the session key.
+#[derive(Debug, Clone)]
+pub struct LoginConfig {
+    pub path: String,
+    pub method: http::Method,
+    /// RFC 6901 pointer to the token in the JSON body.
+    pub token_pointer: String,
+    /// Session lifetime when the token has no `exp`.
+    pub default_ttl: Duration,
+    /// Largest login response body read to find the token.
+    pub max_body: usize,
+}
+
+/// `[auth.logout]`: end the caller's session after the upstream's logout succeeds.
+#[derive(Debug, Clone)]
+pub struct LogoutConfig {
+    pub path: String,
+    pub method: http::Method,
+}
+
+/// Compiled `[admin]`.
+#[derive(Clone, Default)]
+pub struct AdminConfig {
+    /// Bearer token of the admin API; `None` disables it.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("token", &self.token.as_ref().map(|_| "set"))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -280,12 +334,16 @@ fn compile(cx: &Cx<'_>, f: FileConfig) -> Result<Config, ConfigError> {
     let upstream = compile_upstream(cx, &f)?;
     let store = compile_store(cx, f.store.as_ref())?;
     let cache = compile_cache(cx, &f.cache)?;
-    let rules = compile_rules(cx, &f.rule)?;
+    let auth = compile_auth(cx, f.auth.as_ref())?;
+    let admin = compile_admin(cx, &f.admin)?;
+    let rules = compile_rules(cx, &f.rule, auth.default)?;
     Ok(Config {
         server,
         upstream,
         store,
         cache,
+        auth,
+        admin,
         rules,
     })
 }
@@ -507,9 +565,250 @@ fn compile_cache(cx: &Cx<'_>, f: &file::CacheFile) -> Result<CacheConfig, Config
     })
 }
 
+fn span_of(t: &Option<Text>) -> Range<usize> {
+    t.as_ref().map(|t| t.span()).unwrap_or(0..0)
+}
+
+fn secret_from_env(cx: &Cx<'_>, name: &Text, key: &str) -> Result<String, ConfigError> {
+    match (cx.env)(name.get_ref()) {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(cx.err(
+            name.span(),
+            format!(
+                "{key}: environment variable {} is not set (export it, or remove {key})",
+                name.get_ref()
+            ),
+        )),
+    }
+}
+
+fn compile_auth(
+    cx: &Cx<'_>,
+    f: Option<&toml::Spanned<file::AuthFile>>,
+) -> Result<AuthConfig, ConfigError> {
+    let empty = file::AuthFile::default();
+    let (f, table_span) = match f {
+        Some(s) => (s.get_ref(), s.span()),
+        None => (&empty, 0..0),
+    };
+    let default = match f.default.as_ref().map(|t| t.get_ref().as_str()) {
+        None | Some("none") => Policy::None,
+        Some("required") => Policy::Required,
+        Some(other) => {
+            return Err(cx.err(
+                span_of(&f.default),
+                format!("auth.default: {other:?} is not a policy (use \"none\" or \"required\")"),
+            ));
+        }
+    };
+    let template_text = f
+        .session_key
+        .as_ref()
+        .map(|t| t.get_ref().as_str())
+        .unwrap_or("user_token:{sub}");
+    let template = SessionTemplate::parse(template_text).map_err(|m| {
+        cx.err(
+            span_of(&f.session_key),
+            format!("auth.session_key {template_text:?}: {m}"),
+        )
+    })?;
+    let subject_claim = match &f.subject_claim {
+        Some(c) => {
+            if !template.claims().any(|n| n == c.get_ref()) {
+                return Err(cx.err(
+                    c.span(),
+                    format!(
+                        "auth.subject_claim: {:?} is not named by session_key {template_text:?}",
+                        c.get_ref()
+                    ),
+                ));
+            }
+            c.get_ref().clone()
+        }
+        None => {
+            let names: Vec<&str> = template.claims().collect();
+            if names.len() == 1 {
+                names[0].to_string()
+            } else if names.contains(&"sub") {
+                "sub".to_string()
+            } else {
+                return Err(cx.err(
+                    span_of(&f.session_key),
+                    "auth.session_key names several claims: set auth.subject_claim to the one that identifies the user",
+                ));
+            }
+        }
+    };
+    let algorithms: Vec<String> = match &f.algorithms {
+        None => vec!["HS256".into()],
+        Some(list) => list.get_ref().iter().map(|t| t.get_ref().clone()).collect(),
+    };
+    let alg_span = f
+        .algorithms
+        .as_ref()
+        .map(|a| a.span())
+        .unwrap_or(table_span.clone());
+    let secret = match &f.jwt_secret_env {
+        Some(name) => Some(secret_from_env(cx, name, "auth.jwt_secret_env")?),
+        None => None,
+    };
+    let pem = match &f.jwt_public_key_file {
+        Some(path) => Some(std::fs::read(path.get_ref()).map_err(|e| {
+            cx.err(
+                path.span(),
+                format!(
+                    "auth.jwt_public_key_file: cannot read {:?}: {e}",
+                    path.get_ref()
+                ),
+            )
+        })?),
+        None => None,
+    };
+    let key = match (&secret, &pem) {
+        (Some(_), Some(_)) => {
+            return Err(cx.err(
+                span_of(&f.jwt_public_key_file),
+                "auth: set jwt_secret_env (HS*) or jwt_public_key_file (RS*/ES*), not both",
+            ));
+        }
+        (Some(s), None) => KeySource::Secret(s.as_bytes()),
+        (None, Some(p)) => KeySource::PublicPem(p),
+        (None, None) => KeySource::None,
+    };
+    let leeway = cx.duration(&f.leeway, "auth.leeway", Duration::from_secs(30))?;
+    let verifier = Verifier::new(
+        &algorithms,
+        key,
+        leeway.as_secs(),
+        f.audience.as_ref().map(|t| t.get_ref().as_str()),
+        f.issuer.as_ref().map(|t| t.get_ref().as_str()),
+    )
+    .map_err(|m| cx.err(alg_span, format!("auth.algorithms: {m}")))?;
+    let on_store_error = match f.on_store_error.as_ref().map(|t| t.get_ref().as_str()) {
+        None | Some("reject") => OnStoreError::Reject,
+        Some("allow") => OnStoreError::Allow,
+        Some(other) => {
+            return Err(cx.err(
+                span_of(&f.on_store_error),
+                format!(
+                    "auth.on_store_error: {other:?} is not a choice (use \"reject\" or \"allow\")"
+                ),
+            ));
+        }
+    };
+    let retry_after = cx.duration(&f.retry_after, "auth.retry_after", Duration::from_secs(5))?;
+    let header_text = f
+        .subject_header
+        .as_ref()
+        .map(|t| t.get_ref().as_str())
+        .unwrap_or("x-auth-subject");
+    let subject_header = http::HeaderName::from_bytes(header_text.to_ascii_lowercase().as_bytes())
+        .map_err(|_| {
+            cx.err(
+                span_of(&f.subject_header),
+                format!("auth.subject_header: {header_text:?} is not a header name"),
+            )
+        })?;
+    let login = match &f.login {
+        None => None,
+        Some(l) => {
+            let span = l.span();
+            let l = l.get_ref();
+            let Some(path) = &l.path else {
+                return Err(cx.err(span, "auth.login.path is required (e.g. \"/login\")"));
+            };
+            Some(LoginConfig {
+                path: endpoint_path(cx, path, "auth.login.path")?,
+                method: method(cx, &l.method, "auth.login.method")?,
+                token_pointer: match &l.token_pointer {
+                    None => "/access_token".into(),
+                    Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+                    Some(p) => {
+                        return Err(cx.err(
+                            p.span(),
+                            "auth.login.token_pointer: a JSON pointer starts with '/' (e.g. \"/access_token\")",
+                        ));
+                    }
+                },
+                default_ttl: cx.duration(
+                    &l.default_ttl,
+                    "auth.login.default_ttl",
+                    Duration::from_secs(3600),
+                )?,
+                max_body: cx.size(&l.max_body, "auth.login.max_body", 64 << 10)? as usize,
+            })
+        }
+    };
+    let logout = match &f.logout {
+        None => None,
+        Some(l) => {
+            let span = l.span();
+            let l = l.get_ref();
+            let Some(path) = &l.path else {
+                return Err(cx.err(span, "auth.logout.path is required (e.g. \"/logout\")"));
+            };
+            Some(LogoutConfig {
+                path: endpoint_path(cx, path, "auth.logout.path")?,
+                method: method(cx, &l.method, "auth.logout.method")?,
+            })
+        }
+    };
+    Ok(AuthConfig {
+        default,
+        gate: Gate {
+            verifier,
+            template,
+            subject_claim,
+        },
+        on_store_error,
+        retry_after,
+        subject_header,
+        login,
+        logout,
+    })
+}
+
+fn endpoint_path(cx: &Cx<'_>, t: &Text, key: &str) -> Result<String, ConfigError> {
+    let canonical = crate::normalize::canonical_path(t.get_ref())
+        .map_err(|e| cx.err(t.span(), format!("{key}: {:?}: {e}", t.get_ref())))?;
+    Ok(canonical.into_owned())
+}
+
+fn method(cx: &Cx<'_>, t: &Option<Text>, key: &str) -> Result<http::Method, ConfigError> {
+    match t {
+        None => Ok(http::Method::POST),
+        Some(m) => {
+            http::Method::from_bytes(m.get_ref().to_ascii_uppercase().as_bytes()).map_err(|_| {
+                cx.err(
+                    m.span(),
+                    format!("{key}: {:?} is not a method", m.get_ref()),
+                )
+            })
+        }
+    }
+}
+
+fn compile_admin(cx: &Cx<'_>, f: &file::AdminFile) -> Result<AdminConfig, ConfigError> {
+    let token = match &f.token_env {
+        None => None,
+        Some(name) => {
+            let token = secret_from_env(cx, name, "admin.token_env")?;
+            if token.len() < 16 {
+                return Err(cx.err(
+                    name.span(),
+                    "admin.token_env: the admin token must be at least 16 characters",
+                ));
+            }
+            Some(token)
+        }
+    };
+    Ok(AdminConfig { token })
+}
+
 fn compile_rules(
     cx: &Cx<'_>,
     rules: &[toml::Spanned<file::RuleFile>],
+    default_auth: Policy,
 ) -> Result<RuleTable, ConfigError> {
     let mut specs = Vec::with_capacity(rules.len());
     let mut match_spans = Vec::with_capacity(rules.len());
@@ -603,6 +902,36 @@ fn compile_rules(
                 )
             })?);
         }
+        let auth = match r.auth.as_ref().map(|t| t.get_ref().as_str()) {
+            None => default_auth,
+            Some("none") => Policy::None,
+            Some("required") => Policy::Required,
+            Some("optional") => Policy::Optional,
+            Some(other) => {
+                return Err(cx.err(
+                    span_of(&r.auth),
+                    format!("rule {rule_name:?}: auth {other:?} is not a policy (use \"none\", \"required\" or \"optional\")"),
+                ));
+            }
+        };
+        let scope = match r.scope.as_ref().map(|t| t.get_ref().as_str()) {
+            None if auth == Policy::Required => Scope::User,
+            None => Scope::Anonymous,
+            Some("public") => Scope::Public,
+            Some("user") if auth == Policy::None => {
+                return Err(cx.err(
+                    span_of(&r.scope),
+                    format!("rule {rule_name:?}: scope \"user\" needs auth = \"required\" or \"optional\" (there is no verified subject to scope by)"),
+                ));
+            }
+            Some("user") => Scope::User,
+            Some(other) => {
+                return Err(cx.err(
+                    span_of(&r.scope),
+                    format!("rule {rule_name:?}: scope {other:?} is not a scope (use \"public\" or \"user\")"),
+                ));
+            }
+        };
         match_spans.push(template.span());
         specs.push(RuleSpec {
             name: rule_name.to_string(),
@@ -611,6 +940,8 @@ fn compile_rules(
             query,
             vary,
             tags,
+            auth,
+            scope,
         });
     }
     RuleTable::build(specs).map_err(|(index, message)| cx.err(match_spans[index].clone(), message))

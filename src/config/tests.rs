@@ -200,3 +200,68 @@ fn zero_ttl_means_not_cached() {
     ));
     assert_eq!(c.rules.rules()[0].ttl, None);
 }
+
+#[test]
+fn auth_section_compiles() {
+    let c = ok(&format!(
+        "{UPSTREAM}[auth]\ndefault = \"required\"\nsession_key = \"sess:{{tenant}}:{{uid}}\"\nsubject_claim = \"uid\"\n\
+         [auth.login]\npath = \"/login\"\n[[rule]]\nname = \"open\"\nmatch = \"/open\"\nttl = \"1m\"\nauth = \"none\"\n\
+         [[rule]]\nname = \"me\"\nmatch = \"/me\"\nttl = \"1m\"\n"
+    ));
+    assert_eq!(c.auth.default, Policy::Required);
+    assert_eq!(c.auth.gate.subject_claim, "uid");
+    assert_eq!(c.auth.login.as_ref().unwrap().method, http::Method::POST);
+    let rules = c.rules.rules();
+    assert_eq!(
+        (rules[0].auth, rules[0].scope),
+        (Policy::None, Scope::Anonymous)
+    );
+    assert_eq!(
+        (rules[1].auth, rules[1].scope),
+        (Policy::Required, Scope::User),
+        "inherits the default"
+    );
+}
+
+#[test]
+fn auth_errors() {
+    assert_eq!(
+        err(&format!(
+            "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/a\"\nscope = \"user\"\n"
+        )),
+        "cachegate.toml:6:9: rule \"a\": scope \"user\" needs auth = \"required\" or \"optional\" (there is no verified subject to scope by)"
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[auth]\nalgorithms = [\"HS256\", \"RS256\"]\n"
+        ))
+        .starts_with("cachegate.toml:4:14: auth.algorithms: mixes HMAC")
+    );
+    assert_eq!(
+        err(&format!(
+            "{UPSTREAM}[auth]\njwt_secret_env = \"JWT_SECRET\"\n"
+        )),
+        "cachegate.toml:4:18: auth.jwt_secret_env: environment variable JWT_SECRET is not set (export it, or remove auth.jwt_secret_env)"
+    );
+    assert!(
+        err(&format!("{UPSTREAM}[auth]\nsession_key = \"static\"\n"))
+            .contains("must name at least one claim")
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[auth]\nsession_key = \"s:{{a}}:{{b}}\"\n"
+        ))
+        .contains("set auth.subject_claim")
+    );
+    assert!(
+        err(&format!("{UPSTREAM}[auth]\non_store_error = \"maybe\"\n"))
+            .contains("auth.on_store_error")
+    );
+    assert!(err(&format!("{UPSTREAM}[auth]\njwt_public_key_file = \"/nonexistent.pem\"\nalgorithms = [\"RS256\"]\n"))
+        .contains("cannot read"));
+    assert!(err(&format!("{UPSTREAM}[admin]\ntoken_env = \"NOPE\"\n")).contains("admin.token_env"));
+    assert!(
+        err(&format!("{UPSTREAM}[auth.login]\nmethod = \"POST\"\n"))
+            .contains("auth.login.path is required")
+    );
+}

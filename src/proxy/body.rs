@@ -107,15 +107,20 @@ pub struct Tee<B> {
     on_complete: Option<OnComplete>,
 }
 
-impl<B> Tee<B> {
+impl<B: Body> Tee<B> {
     pub fn new(inner: B, limit: usize, on_complete: OnComplete) -> Self {
-        Tee {
+        let mut tee = Tee {
             inner,
             copy: Vec::new(),
             copied: 0,
             limit,
             on_complete: Some(on_complete),
+        };
+        // An empty body (a 204, Content-Length: 0) is never polled: it is complete now.
+        if tee.inner.is_end_stream() {
+            tee.finish();
         }
+        tee
     }
 
     fn finish(&mut self) {
@@ -170,7 +175,8 @@ where
                         this.copy.push(data.clone());
                     }
                 }
-                if this.inner.is_end_stream() {
+                // Trailers end the body: hyper stops polling after them.
+                if frame.is_trailers() || this.inner.is_end_stream() {
                     this.finish();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -192,6 +198,89 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The first bytes of a body, read to inspect it (login capture).
+pub struct Prefix {
+    chunks: Vec<Bytes>,
+    len: usize,
+    /// The whole body fit within the limit.
+    done: bool,
+}
+
+impl Prefix {
+    /// The whole body, when it fit within the limit.
+    pub fn complete(&self) -> Option<Bytes> {
+        self.done.then(|| concat(self.chunks.clone(), self.len))
+    }
+
+    /// The body to send on: what was read, then the rest.
+    pub fn into_body<B>(self, rest: B) -> ProxyBody
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Unpin + Send + Sync + 'static,
+    {
+        Prefixed {
+            head: self.chunks.into(),
+            rest: if self.done { None } else { Some(rest) },
+        }
+        .boxed()
+    }
+}
+
+/// Read up to `limit` bytes of a body (more only if one frame crosses the limit).
+pub async fn read_prefix<B>(mut body: B, limit: usize) -> Result<(Prefix, B), BoxError>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    let mut prefix = Prefix {
+        chunks: Vec::new(),
+        len: 0,
+        done: false,
+    };
+    while prefix.len <= limit {
+        match body.frame().await {
+            None => {
+                prefix.done = true;
+                break;
+            }
+            Some(frame) => {
+                if let Ok(data) = frame?.into_data() {
+                    prefix.len += data.len();
+                    prefix.chunks.push(data);
+                }
+            }
+        }
+    }
+    if prefix.len > limit {
+        prefix.done = false;
+    }
+    Ok((prefix, body))
+}
+
+struct Prefixed<B> {
+    head: std::collections::VecDeque<Bytes>,
+    rest: Option<B>,
+}
+
+impl<B> Body for Prefixed<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(chunk) = self.head.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
     }
 }
 
@@ -235,6 +324,10 @@ mod tests {
         ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
             Poll::Ready(self.0.pop_front().map(|b| Ok(Frame::data(b))))
         }
+        // Like hyper's Incoming with a Content-Length: ended once nothing is left.
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
     }
 
     fn chunks(parts: &[&'static [u8]]) -> Chunks {
@@ -253,6 +346,18 @@ mod tests {
         let out = tee.collect().await.unwrap().to_bytes();
         assert_eq!(out, "abcd");
         assert_eq!(got.lock().unwrap().as_deref(), Some(&b"abcd"[..]));
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_completes_at_once() {
+        let got = Arc::new(Mutex::new(None));
+        let sink = got.clone();
+        let _tee = Tee::new(
+            chunks(&[]),
+            10,
+            Box::new(move |b| *sink.lock().unwrap() = Some(b)),
+        );
+        assert_eq!(got.lock().unwrap().as_deref(), Some(&b""[..]));
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::{ProxyBody, full};
+use crate::auth::Failure;
 use crate::normalize::PathError;
 
 /// Who a failure is attributed to, for logs and alerting.
@@ -23,6 +24,10 @@ pub enum ProxyError {
     BadHost,
     #[error("request path refused: {0}")]
     BadPath(PathError),
+    #[error("unauthorized: {0}")]
+    Unauthorized(Failure),
+    #[error("session store unreachable")]
+    SessionStoreUnavailable { retry_after_s: u64 },
     #[error("cannot connect to the upstream: {0}")]
     UpstreamConnect(String),
     #[error("upstream did not answer in time")]
@@ -39,6 +44,8 @@ impl ProxyError {
             ProxyError::BadHost => StatusCode::BAD_REQUEST,
             ProxyError::BadPath(PathError::TooLong) => StatusCode::URI_TOO_LONG,
             ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::SessionStoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
@@ -48,7 +55,10 @@ impl ProxyError {
 
     pub fn blame(&self) -> Blame {
         match self {
-            ProxyError::BadHost | ProxyError::BadPath(_) => Blame::Downstream,
+            ProxyError::BadHost | ProxyError::BadPath(_) | ProxyError::Unauthorized(_) => {
+                Blame::Downstream
+            }
+            ProxyError::SessionStoreUnavailable { .. } => Blame::Internal,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamTimeout
             | ProxyError::UpstreamProtocol(_) => Blame::Upstream,
@@ -61,6 +71,8 @@ impl ProxyError {
         match self {
             ProxyError::BadHost => "bad_host",
             ProxyError::BadPath(_) => "bad_path",
+            ProxyError::Unauthorized(f) => f.code(),
+            ProxyError::SessionStoreUnavailable { .. } => "session_store_unavailable",
             ProxyError::UpstreamConnect(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamProtocol(_) => "upstream_error",
@@ -73,6 +85,10 @@ impl ProxyError {
         match self {
             ProxyError::BadHost => "the request must carry exactly one valid Host header".into(),
             ProxyError::BadPath(e) => e.to_string(),
+            ProxyError::Unauthorized(f) => f.to_string(),
+            ProxyError::SessionStoreUnavailable { .. } => {
+                "the session store cannot be reached; retry shortly".into()
+            }
             ProxyError::UpstreamConnect(_) => "the upstream refused or could not be reached".into(),
             ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
             ProxyError::UpstreamProtocol(_) => {
@@ -83,14 +99,42 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
-        json_error(self.status(), self.code(), &self.detail())
+        let mut resp = json_error(self.status(), self.code(), &self.detail());
+        match self {
+            // RFC 6750 §3: no error code when the request carried no credentials.
+            ProxyError::Unauthorized(Failure::MissingToken) => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"cachegate\""),
+                );
+            }
+            ProxyError::Unauthorized(_) => {
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"cachegate\", error=\"invalid_token\""),
+                );
+            }
+            ProxyError::SessionStoreUnavailable { retry_after_s } => {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            _ => {}
+        }
+        resp
     }
 }
 
 /// A small JSON error response.
 pub fn json_error(status: StatusCode, code: &str, detail: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": code, "detail": detail }).to_string();
-    let mut resp = Response::new(full(Bytes::from(body)));
+    json_response(
+        status,
+        &serde_json::json!({ "error": code, "detail": detail }),
+    )
+}
+
+/// A JSON response that no cache may store.
+pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ProxyBody> {
+    let mut resp = Response::new(full(Bytes::from(value.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -120,6 +164,48 @@ mod tests {
                 414,
                 Blame::Downstream,
                 "bad_path",
+            ),
+            (
+                ProxyError::Unauthorized(Failure::MissingToken),
+                401,
+                Blame::Downstream,
+                "missing_token",
+            ),
+            (
+                ProxyError::Unauthorized(Failure::Malformed),
+                401,
+                Blame::Downstream,
+                "malformed_token",
+            ),
+            (
+                ProxyError::Unauthorized(Failure::InvalidSignature),
+                401,
+                Blame::Downstream,
+                "invalid_signature",
+            ),
+            (
+                ProxyError::Unauthorized(Failure::Expired),
+                401,
+                Blame::Downstream,
+                "expired",
+            ),
+            (
+                ProxyError::Unauthorized(Failure::Superseded),
+                401,
+                Blame::Downstream,
+                "session_superseded",
+            ),
+            (
+                ProxyError::Unauthorized(Failure::SessionMissing),
+                401,
+                Blame::Downstream,
+                "session_missing",
+            ),
+            (
+                ProxyError::SessionStoreUnavailable { retry_after_s: 5 },
+                503,
+                Blame::Internal,
+                "session_store_unavailable",
             ),
             (
                 ProxyError::UpstreamConnect("refused".into()),
@@ -153,5 +239,23 @@ mod tests {
             let resp = e.into_response();
             assert_eq!(resp.headers()["content-type"], "application/json");
         }
+    }
+
+    #[test]
+    fn auth_errors_carry_their_headers() {
+        let missing = ProxyError::Unauthorized(Failure::MissingToken).into_response();
+        assert_eq!(
+            missing.headers()["www-authenticate"],
+            "Bearer realm=\"cachegate\""
+        );
+        let stale = ProxyError::Unauthorized(Failure::Superseded).into_response();
+        assert!(
+            stale.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("error=\"invalid_token\"")
+        );
+        let down = ProxyError::SessionStoreUnavailable { retry_after_s: 7 }.into_response();
+        assert_eq!(down.headers()["retry-after"], "7");
     }
 }

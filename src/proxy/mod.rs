@@ -8,6 +8,7 @@ pub mod body;
 pub mod error;
 pub mod headers;
 pub mod respond;
+pub mod session;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -21,18 +22,20 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::cache::entry::Entry;
+use crate::auth::{Claimed, Policy};
+use crate::cache::entry::{Entry, flags as entry_flags};
 use crate::cache::flight::{FlightState, Joined, Leader};
 use crate::cache::key::{self, Id, KeyParts};
-use crate::cache::policy::{self, Freshness, OriginCacheControl, RulePolicy, now_ms};
+use crate::cache::policy::{self, CacheControl, Freshness, OriginCacheControl, RulePolicy, now_ms};
 use crate::cache::{Cache, Found, Outcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::normalize::{QueryKeep, canonical_path, normalized_query};
-use crate::rules::{QueryPolicy, RouteMatch, Rule};
+use crate::rules::{QueryPolicy, RouteMatch, Rule, Scope};
 use body::{ProxyBody, Tee, empty};
 use error::ProxyError;
 use respond::Trace;
+use session::Identity;
 use upstream::{DownBody, UpBody, Upstream};
 
 /// How long a coalesced request waits for the leader's fill before fetching itself.
@@ -51,6 +54,9 @@ struct Cx {
     rule: Option<usize>,
     trace: Trace,
     upstream_ms: Option<f64>,
+    /// Path and query sent upstream: the canonical path, so the upstream sees the resource
+    /// that was routed and keyed, never another spelling of it.
+    target: String,
 }
 
 /// Conditional and range fields of a client request, held back while a fill fetches the
@@ -78,6 +84,7 @@ impl Engine {
             rule: None,
             trace: Trace::default(),
             upstream_ms: None,
+            target: String::new(),
         };
         let mut resp = match self.pipeline(req, client, &mut cx).await {
             Ok(r) => r,
@@ -125,35 +132,72 @@ impl Engine {
         let host = headers::request_host(&parts.headers, &parts.uri).ok_or(ProxyError::BadHost)?;
         let uri = parts.uri.clone();
         let path = canonical_path(uri.path()).map_err(ProxyError::BadPath)?;
+        cx.target = match uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path.to_string(),
+        };
         let config = self.config.clone();
         let route = config.rules.at(&path);
         cx.rule = route.as_ref().map(|m| m.rule.index);
         headers::strip_hop_by_hop(&mut parts.headers);
         headers::set_forwarded(&mut parts.headers, client.ip(), &host);
         parts.headers.insert(header::HOST, host.clone());
+        // Identity headers come from the gate only, never from the client.
+        let auth = &config.auth;
+        parts.headers.remove(&auth.subject_header);
+        parts.headers.remove(&session::X_AUTH_UNVERIFIED);
+
+        // authenticate (the session check follows, pipelined with a lookup where possible)
+        let is_login = auth
+            .login
+            .as_ref()
+            .is_some_and(|l| l.method == parts.method && l.path == *path);
+        let is_logout = auth
+            .logout
+            .as_ref()
+            .is_some_and(|l| l.method == parts.method && l.path == *path);
+        let policy = match route.as_ref().map(|m| m.rule.auth).unwrap_or(auth.default) {
+            // Whoever logs in has no session yet.
+            _ if is_login => Policy::None,
+            // A logout needs to know whose session it ends.
+            Policy::None if is_logout => Policy::Optional,
+            p => p,
+        };
+        let claimed = self.claim(policy, &parts.headers, cx)?;
 
         let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
-        match route {
-            Some(m) if is_read && m.rule.ttl.is_some() => {
-                self.cached(parts, body, m, &path, &host, cx).await
-            }
-            _ => {
-                cx.trace.fwd = Some(if is_read { "bypass" } else { "method" });
-                cx.trace.detail = Some(if route_is_some(cx) {
-                    "not-cached"
-                } else {
-                    "no-rule"
-                });
-                let resp = self
-                    .forward(parts, body.map_err(Into::into).boxed(), cx)
-                    .await?;
-                cx.trace.fwd_status = Some(resp.status().as_u16());
-                Ok(resp.map(|b| b.boxed()))
-            }
+        if let Some(m) = route.filter(|m| is_read && m.rule.ttl.is_some()) {
+            return self.cached(parts, body, m, &path, &host, claimed, cx).await;
         }
+        let identity = match claimed {
+            None => Identity::Anonymous,
+            Some(c) => self.check_session(c, cx).await?,
+        };
+        self.apply_identity(&mut parts.headers, &identity);
+        cx.trace.fwd = Some(if is_read { "bypass" } else { "method" });
+        cx.trace.detail = Some(if cx.rule.is_some() {
+            "not-cached"
+        } else {
+            "no-rule"
+        });
+        let resp = self
+            .forward(parts, body.map_err(Into::into).boxed(), cx)
+            .await?;
+        cx.trace.fwd_status = Some(resp.status().as_u16());
+        if is_login {
+            return self.capture_login(resp).await;
+        }
+        if is_logout
+            && resp.status().is_success()
+            && let Identity::Verified(c) = &identity
+        {
+            self.end_session(c).await;
+        }
+        Ok(resp.map(|b| b.boxed()))
     }
 
     /// GET/HEAD on a caching rule.
+    #[allow(clippy::too_many_arguments)]
     async fn cached(
         self: &Arc<Self>,
         mut parts: Parts,
@@ -161,87 +205,137 @@ impl Engine {
         m: RouteMatch<'_, '_>,
         path: &str,
         host: &HeaderValue,
+        claimed: Option<Claimed>,
         cx: &mut Cx,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let rule = m.rule;
-        // RFC 9111 §3.5: a shared cache must not answer a request carrying Authorization
-        // from a shared entry, nor store its response.
-        if parts.headers.contains_key(header::AUTHORIZATION) {
-            return self.bypass(parts, body, cx, "authorization").await;
+        // Whose entry: the subject's own (scope user), the shared one, or none at all.
+        // RFC 9111 §3.5: a request carrying Authorization is never answered from, nor
+        // stored into, a shared entry unless the rule says the route is shared.
+        if rule.scope == Scope::Anonymous {
+            if let Some(c) = claimed {
+                let identity = self.check_session(c, cx).await?;
+                self.apply_identity(&mut parts.headers, &identity);
+                return self.bypass(parts, body, cx, "authorization").await;
+            }
+            if parts.headers.contains_key(header::AUTHORIZATION) {
+                return self.bypass(parts, body, cx, "authorization").await;
+            }
         }
+        let scope: Option<String> = match (&claimed, rule.scope) {
+            (Some(c), Scope::User) => Some(c.sub.clone()),
+            _ => None,
+        };
         let mut query = String::new();
         normalized_query(parts.uri.query(), query_keep(&rule.query), &mut query);
-        let host_lc = host.to_str().unwrap_or_default().to_ascii_lowercase();
-        let id = KeyParts {
-            scheme: "http",
-            host: &host_lc,
+        let base = KeyBase {
+            host: host.to_str().unwrap_or_default().to_ascii_lowercase(),
             path,
-            query: &query,
-            vary: &rule.vary,
-            headers: &parts.headers,
-            scope: None,
-        }
-        .id();
-        let tags = tags_for(rule, &m.params, path, None);
-
-        // lookup
-        let lookup = match self.cache.lookup(&id, &tags, None).await {
-            Ok(l) => l,
-            Err(_) => return self.bypass(parts, body, cx, "store-unavailable").await,
+            query,
+            scope,
+            rule_vary: &rule.vary,
         };
-        let now = now_ms();
-        cx.trace.fwd = Some("uri-miss");
-        match lookup.found {
-            Found::Entry(entry) if now < entry.fresh_until_ms => {
-                cx.trace.outcome = Outcome::Hit;
-                cx.trace.fwd = None;
-                cx.trace.ttl = Some(respond::ttl_left(&entry, now));
-                return Ok(serve(entry, &parts, now));
-            }
-            Found::Entry(_) => cx.trace.fwd = Some("stale"),
-            Found::Dead => {
-                self.metrics.stale_generation_misses.inc();
-                cx.trace.fwd = Some("miss");
-                cx.trace.detail = Some("purged");
-            }
-            Found::Corrupt => {
-                cx.trace.fwd = Some("miss");
-                cx.trace.detail = Some("unreadable-entry");
-            }
-            Found::Absent => {}
-        }
+        let id = base.id(&parts.headers, &[]);
+        let tags = tags_for(rule, &m.params, path, base.scope.as_deref());
 
-        // coalesce
-        match self.cache.flights.join(id, &lookup.gens) {
-            Joined::Waiter(rx) => {
-                let filled = wait_for_fill(rx, LOCK_TIMEOUT)
-                    .await
-                    .filter(|e| crate::cache::flight::entry_serves(e, &lookup.gens));
-                if let Some(entry) = filled {
-                    let now = now_ms();
-                    cx.trace.outcome = Outcome::Coalesced;
-                    cx.trace.fwd = None;
-                    cx.trace.collapsed = true;
-                    cx.trace.ttl = Some(respond::ttl_left(&entry, now));
-                    let age = respond::current_age(&entry, now);
-                    return Ok(respond::from_entry(
-                        entry.status,
-                        entry.headers.clone(),
-                        entry.body.clone(),
-                        age,
-                        &parts.method,
-                        &parts.headers,
-                    ));
+        // lookup (the session check rides in the same round trip), then coalesce
+        let mut session_key = claimed.as_ref().map(|c| c.session_key.as_bytes().to_vec());
+        let mut claimed = claimed;
+        let mut relookup = true;
+        loop {
+            let lookup = match self.cache.lookup(&id, &tags, session_key.take()).await {
+                Ok(l) => l,
+                Err(e) => {
+                    if let Some(c) = claimed.take() {
+                        let identity = self.session_verdict(c, Err(e), cx)?;
+                        self.apply_identity(&mut parts.headers, &identity);
+                    }
+                    return self.bypass(parts, body, cx, "store-unavailable").await;
                 }
-                self.bypass(parts, body, cx, "coalesce-failed").await
+            };
+            if let Some(c) = claimed.take() {
+                let identity = self.session_verdict(c, Ok(lookup.session.clone()), cx)?;
+                self.apply_identity(&mut parts.headers, &identity);
             }
-            Joined::Leader(leader) => {
-                drop(body);
-                for name in &FILL_STRIPPED {
-                    parts.headers.remove(name);
-                }
-                self.fill(parts, leader, id, tags, &lookup.gens, rule, cx)
+            // A vary marker: the origin varies on request headers, so read this request's
+            // variant (a second round trip, only for such resources).
+            let mut found = lookup.found;
+            let mut flight_id = id;
+            if let Found::Entry(marker) = &found
+                && marker.flags & entry_flags::VARY_INDEX != 0
+            {
+                flight_id = base.id(&parts.headers, &marker.vary);
+                found = match self
+                    .cache
+                    .lookup_entry(&flight_id, &tags, &lookup.gens)
                     .await
+                {
+                    Ok(Found::Entry(e)) if e.flags & entry_flags::VARY_INDEX != 0 => Found::Corrupt,
+                    Ok(f) => f,
+                    Err(_) => return self.bypass(parts, body, cx, "store-unavailable").await,
+                };
+            }
+            let now = now_ms();
+            cx.trace.fwd = Some("uri-miss");
+            match found {
+                Found::Entry(entry) if now < entry.fresh_until_ms => {
+                    cx.trace.outcome = Outcome::Hit;
+                    cx.trace.fwd = None;
+                    cx.trace.ttl = Some(respond::ttl_left(&entry, now));
+                    return Ok(serve(entry, &parts, now));
+                }
+                Found::Entry(_) => cx.trace.fwd = Some("stale"),
+                Found::Dead => {
+                    self.metrics.stale_generation_misses.inc();
+                    cx.trace.fwd = Some("miss");
+                    cx.trace.detail = Some("purged");
+                }
+                Found::Corrupt => {
+                    cx.trace.fwd = Some("miss");
+                    cx.trace.detail = Some("unreadable-entry");
+                }
+                Found::Absent => {}
+            }
+            // RFC 9111 §5.2.1.5: nothing of a no-store request's response may be stored.
+            if CacheControl::parse(&parts.headers).no_store {
+                return self.bypass(parts, body, cx, "request-no-store").await;
+            }
+
+            match self.cache.flights.join(flight_id, &lookup.gens, relookup) {
+                Joined::Relookup => {
+                    relookup = false;
+                    continue;
+                }
+                Joined::Waiter(rx) => {
+                    let filled = wait_for_fill(rx, LOCK_TIMEOUT).await.filter(|e| {
+                        crate::cache::flight::entry_serves(e, &lookup.gens)
+                            && now_ms() < e.fresh_until_ms
+                            && base.id(&parts.headers, &e.vary) == e.key
+                    });
+                    if let Some(entry) = filled {
+                        let now = now_ms();
+                        cx.trace.outcome = Outcome::Coalesced;
+                        cx.trace.fwd = None;
+                        cx.trace.collapsed = true;
+                        cx.trace.ttl = Some(respond::ttl_left(&entry, now));
+                        let age = respond::current_age(&entry, now);
+                        return Ok(respond::from_entry(
+                            entry.status,
+                            entry.headers.clone(),
+                            entry.body.clone(),
+                            age,
+                            &parts.method,
+                            &parts.headers,
+                        ));
+                    }
+                    return self.bypass(parts, body, cx, "coalesce-failed").await;
+                }
+                Joined::Leader(leader) => {
+                    drop(body);
+                    return self
+                        .fill(parts, leader, &base, id, tags, &lookup.gens, rule, cx)
+                        .await;
+                }
             }
         }
     }
@@ -264,13 +358,15 @@ impl Engine {
         Ok(resp.map(|b| b.boxed()))
     }
 
-    /// Lead a fill: record generations, fetch the full representation, stream it to the
-    /// client while a bounded copy goes to the store.
+    /// Lead a fill: record generations, fetch the full representation (canonical path, the
+    /// key's query, bucketed Accept-Encoding, no conditionals or ranges), and stream it to
+    /// the client while a bounded copy goes to the store.
     #[allow(clippy::too_many_arguments)]
     async fn fill(
         self: &Arc<Self>,
         mut parts: Parts,
         leader: Leader,
+        base: &KeyBase<'_>,
         id: Id,
         tags: Vec<Id>,
         seen: &[Option<u64>],
@@ -290,6 +386,17 @@ impl Engine {
             }
         };
         leader.set_recorded(recorded.clone());
+        // The upstream is asked for exactly what the key says: a stored response can then
+        // never depend on a query parameter or header spelling the key left out.
+        cx.target = base.fill_target();
+        for name in &FILL_STRIPPED {
+            parts.headers.remove(name);
+        }
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static(key::accept_encoding_bucket(&parts.headers)),
+        );
+        let request_headers = parts.headers.clone();
         let client_method = std::mem::replace(&mut parts.method, Method::GET);
         let resp = self.forward(parts, empty_up(), cx).await?;
         let (mut rparts, rbody) = resp.into_parts();
@@ -313,7 +420,12 @@ impl Engine {
                 drop(leader);
                 cx.trace.outcome = Outcome::Uncacheable;
                 cx.trace.detail = Some(reason);
-                return Ok(respond_streaming(rparts, rbody.boxed(), &client_method));
+                return Ok(respond_streaming(
+                    rparts,
+                    rbody.boxed(),
+                    &client_method,
+                    false,
+                ));
             }
         };
         cx.trace.outcome = Outcome::Miss;
@@ -326,26 +438,60 @@ impl Engine {
                     .unwrap_or(HeaderValue::from_static("")),
             );
         }
-        let template = entry_template(id, &rparts, &tags, &recorded, &fresh, now);
-        let on_complete = self.completion(leader, template, fresh.store_ttl);
+        let mut template = entry_template(id, &rparts, &tags, &recorded, &fresh, now);
+        // The origin's Vary (beyond the rule's own `vary`): the response is stored as a
+        // variant keyed by those request headers, with a marker under the plain key.
+        let origin_vary = vary_names(&rparts.headers, &rule.vary);
+        let marker = if origin_vary.is_empty() {
+            None
+        } else {
+            template.key = base.id(&request_headers, &origin_vary);
+            template.vary = origin_vary;
+            Some(vary_marker(id, &template))
+        };
+        let on_complete = self.completion(leader, template, marker, fresh.store_ttl);
         let tee = Tee::new(rbody, self.config.cache.max_object_size, on_complete);
-        Ok(respond_streaming(rparts, tee.boxed(), &client_method))
+        Ok(respond_streaming(rparts, tee.boxed(), &client_method, true))
     }
 
     /// What happens when a fill's body is complete: waiters get the entry at once, the store
     /// write runs in the background, and the flight retires when the write is done.
-    fn completion(&self, leader: Leader, template: Entry, ttl: Duration) -> body::OnComplete {
+    ///
+    /// The finished flight lingers for one store timeout after the write: a request whose
+    /// lookup ran just before the write landed (and so found nothing) is sent back to the
+    /// store once, instead of fetching the same response again.
+    fn completion(
+        &self,
+        leader: Leader,
+        template: Entry,
+        marker: Option<Entry>,
+        ttl: Duration,
+    ) -> body::OnComplete {
         let cache = self.cache.clone();
+        let linger = self.config.store.timeout;
         Box::new(move |bytes: Bytes| {
             let mut entry = template;
             entry.body = bytes;
             let entry = Arc::new(entry);
             leader.complete(entry.clone());
             tokio::spawn(async move {
-                let _ = cache.put(&entry, ttl).await;
+                let mut entries: Vec<&Entry> = vec![&entry];
+                entries.extend(marker.as_ref());
+                if cache.put(&entries, ttl).await.is_ok() {
+                    leader.stored();
+                    tokio::time::sleep(linger).await;
+                }
                 drop(leader);
             });
         })
+    }
+
+    /// Give tags new generations: every entry carrying one of them stops being served.
+    pub(crate) async fn purge_tags(&self, tags: &[Id], trigger: &'static str, rule: Option<usize>) {
+        let _ = rule;
+        if let Err(e) = self.cache.bump(tags).await {
+            tracing::warn!(error = %e, trigger, "purge failed: the store is unreachable");
+        }
     }
 
     /// Send a request upstream: same method, path and query; timing recorded.
@@ -355,12 +501,7 @@ impl Engine {
         body: UpBody,
         cx: &mut Cx,
     ) -> Result<Response<DownBody>, ProxyError> {
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let uri = self.upstream.uri(pq)?;
+        let uri = self.upstream.uri(&cx.target)?;
         let mut req = Request::new(body);
         *req.method_mut() = parts.method;
         *req.uri_mut() = uri;
@@ -379,23 +520,102 @@ impl Engine {
     }
 }
 
-fn route_is_some(cx: &Cx) -> bool {
-    cx.rule.is_some()
+/// Everything a cache key is made of, except the names of the varying headers.
+struct KeyBase<'a> {
+    host: String,
+    path: &'a str,
+    /// The query as the rule's policy normalizes it.
+    query: String,
+    scope: Option<String>,
+    rule_vary: &'a [header::HeaderName],
+}
+
+impl KeyBase<'_> {
+    /// The entry id for these request headers, varying on the rule's headers plus `extra`.
+    fn id(&self, headers: &HeaderMap, extra: &[header::HeaderName]) -> Id {
+        let mut names;
+        let vary = if extra.is_empty() {
+            self.rule_vary
+        } else {
+            names = self.rule_vary.to_vec();
+            names.extend_from_slice(extra);
+            names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            names.dedup();
+            &names[..]
+        };
+        KeyParts {
+            scheme: "http",
+            host: &self.host,
+            path: self.path,
+            query: &self.query,
+            vary,
+            headers,
+            scope: self.scope.as_deref(),
+        }
+        .id()
+    }
+
+    /// The path and query a fill asks the upstream for.
+    fn fill_target(&self) -> String {
+        if self.query.is_empty() {
+            self.path.to_string()
+        } else {
+            format!("{}?{}", self.path, self.query)
+        }
+    }
+}
+
+/// Header names the origin's `Vary` lists beyond the rule's own (lower-case, sorted).
+fn vary_names(headers: &HeaderMap, rule_vary: &[header::HeaderName]) -> Vec<header::HeaderName> {
+    let mut names: Vec<header::HeaderName> = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| header::HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !rule_vary.contains(n))
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+}
+
+/// The marker filed under the plain key of a resource that varies: which headers it varies
+/// on, with the same generations and lifetime as the variant it was written with.
+fn vary_marker(plain: Id, variant: &Entry) -> Entry {
+    Entry {
+        key: plain,
+        status: StatusCode::OK,
+        flags: entry_flags::VARY_INDEX,
+        stored_at_ms: variant.stored_at_ms,
+        age_at_store_s: 0,
+        fresh_until_ms: variant.fresh_until_ms,
+        swr_until_ms: variant.swr_until_ms,
+        sie_until_ms: variant.sie_until_ms,
+        gens: variant.gens.clone(),
+        vary: variant.vary.clone(),
+        headers: HeaderMap::new(),
+        body: Bytes::new(),
+    }
 }
 
 fn empty_up() -> UpBody {
     empty()
 }
 
-/// The response to the client for an upstream answer, honouring HEAD.
+/// The response to the client for an upstream answer, honouring HEAD. `store`: the body is
+/// a tee whose copy is being stored (a HEAD then keeps draining it in the background;
+/// otherwise the body is dropped, which costs the pooled connection, not a download).
 fn respond_streaming(
     parts: http::response::Parts,
     body: ProxyBody,
     client_method: &Method,
+    store: bool,
 ) -> Response<ProxyBody> {
     if client_method == Method::HEAD {
-        // The fill fetched with GET; the client asked for the head only. The body keeps
-        // draining into the store in the background.
+        if !store {
+            return Response::from_parts(parts, empty());
+        }
         tokio::spawn(async move {
             let mut body = body;
             while let Some(frame) = body.frame().await {
@@ -430,7 +650,7 @@ async fn wait_for_fill(
         tokio::time::timeout(limit, rx.wait_for(|s| !matches!(s, FlightState::Pending))).await;
     match waited {
         Ok(Ok(state)) => match &*state {
-            FlightState::Done(e) => Some(e.clone()),
+            FlightState::Done(e) | FlightState::Stored(e) => Some(e.clone()),
             _ => None,
         },
         _ => None,

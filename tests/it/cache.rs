@@ -424,7 +424,8 @@ async fn garbage_under_the_entry_key_is_a_miss_then_overwritten() {
     let got = proxy.get("/user/5").await;
     assert_eq!(got.status, 200);
     assert_eq!(got.x_cache(), "MISS");
-    assert_eq!(proxy.get("/user/5").await.x_cache(), "HIT");
+    let again = proxy.get("/user/5").await;
+    assert_eq!(again.x_cache(), "HIT", "{}", again.header("cache-status"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,3 +514,147 @@ async fn metrics_count_a_hit_and_a_miss() {
     assert_eq!(health.status, 200);
     assert_eq!(proxy.admin("GET", "/readyz", &[], "").await.status, 200);
 }
+
+async fn origin_vary_keeps_variants_apart(b: Backend) {
+    // An origin that compresses for clients that accept gzip, and says so with Vary.
+    let origin = Origin::start(handler(|s, _| {
+        let gzip = s
+            .headers
+            .get("accept-encoding")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("gzip"));
+        let lang = s
+            .headers
+            .get("accept-language")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("en")
+            .to_string();
+        let a = Answer::ok(if gzip {
+            format!("gzip-bytes-{lang}")
+        } else {
+            format!("plain-{lang}")
+        })
+        .header("vary", "Accept-Encoding, Accept-Language");
+        if gzip {
+            a.header("content-encoding", "gzip")
+        } else {
+            a
+        }
+    }))
+    .await;
+    let rule = "[[rule]]\nname = \"doc\"\nmatch = \"/doc\"\nttl = \"5m\"\n";
+    let proxy = Proxy::start(&config(&origin, &b.store(), rule)).await;
+    let gz = [
+        ("accept-encoding", "gzip, deflate, br"),
+        ("accept-language", "fr"),
+    ];
+    let plain = [("accept-encoding", "identity"), ("accept-language", "fr")];
+    let first = proxy.get_with("/doc", &gz).await;
+    assert_eq!(
+        (first.x_cache(), first.text().as_str()),
+        ("MISS", "gzip-bytes-fr")
+    );
+    assert_eq!(
+        origin.last().headers["accept-encoding"],
+        "gzip",
+        "fills forward the bucket"
+    );
+    let other = proxy.get_with("/doc", &plain).await;
+    assert_eq!(
+        other.text(),
+        "plain-fr",
+        "a client without gzip never gets the gzip variant"
+    );
+    assert!(!other.headers.contains_key("content-encoding"));
+    let gz_hit = proxy
+        .get_with(
+            "/doc",
+            &[("accept-encoding", "gzip"), ("accept-language", "fr")],
+        )
+        .await;
+    assert_eq!(
+        (gz_hit.x_cache(), gz_hit.text().as_str()),
+        ("HIT", "gzip-bytes-fr")
+    );
+    assert_eq!(gz_hit.header("content-encoding"), "gzip");
+    let plain_hit = proxy.get_with("/doc", &plain).await;
+    assert_eq!(
+        (plain_hit.x_cache(), plain_hit.text().as_str()),
+        ("HIT", "plain-fr")
+    );
+    let de = proxy
+        .get_with(
+            "/doc",
+            &[("accept-encoding", "identity"), ("accept-language", "de")],
+        )
+        .await;
+    assert_eq!((de.x_cache(), de.text().as_str()), ("MISS", "plain-de"));
+    assert_eq!(origin.total(), 3);
+}
+on_both_stores!(origin_vary_keeps_variants_apart);
+
+async fn fills_ask_the_upstream_for_what_the_key_says(b: Backend) {
+    let origin = Origin::echo().await;
+    let rule =
+        "[[rule]]\nname = \"page\"\nmatch = \"/page/{id}\"\nttl = \"5m\"\nquery = [\"page\"]\n";
+    let proxy = Proxy::start(&config(&origin, &b.store(), rule)).await;
+    // A parameter left out of the key cannot shape the stored response...
+    let poisoned = proxy.get("/page/1?page=2&callback=evil").await;
+    assert_eq!(origin.last().query.as_deref(), Some("page=2"));
+    assert!(!poisoned.text().contains("evil"));
+    let clean = proxy.get("/page/1?page=2").await;
+    assert_eq!(clean.x_cache(), "HIT");
+    assert!(!clean.text().contains("evil"));
+    // ...and the upstream sees the canonical path that was routed and keyed.
+    proxy.get("/page/%32?page=3").await;
+    assert_eq!(origin.last().path, "/page/2");
+}
+on_both_stores!(fills_ask_the_upstream_for_what_the_key_says);
+
+async fn empty_responses_are_cached(b: Backend) {
+    let origin = Origin::start(handler(|s, _| {
+        if s.path.ends_with("204") {
+            Answer::ok("").status(204)
+        } else {
+            Answer::ok("")
+        }
+    }))
+    .await;
+    let rule = "[[rule]]\nname = \"e\"\nmatch = \"/e/{x}\"\nttl = \"5m\"\n";
+    let proxy = Proxy::start(&config(&origin, &b.store(), rule)).await;
+    for path in ["/e/204", "/e/200"] {
+        assert_eq!(proxy.get(path).await.x_cache(), "MISS");
+        let again = proxy.get(path).await;
+        assert_eq!(again.x_cache(), "HIT", "{path}");
+        assert!(again.body.is_empty());
+        assert_eq!(origin.hits(path), 1, "{path}");
+    }
+}
+on_both_stores!(empty_responses_are_cached);
+
+async fn a_no_store_request_is_not_stored(b: Backend) {
+    let origin = Origin::echo().await;
+    let proxy = Proxy::start(&config(&origin, &b.store(), USER_RULE)).await;
+    let got = proxy
+        .get_with("/user/3", &[("cache-control", "no-store")])
+        .await;
+    assert_eq!(got.x_cache(), "BYPASS");
+    assert!(
+        got.header("cache-status")
+            .contains("detail=request-no-store")
+    );
+    assert_eq!(
+        proxy.get("/user/3").await.x_cache(),
+        "MISS",
+        "nothing was stored"
+    );
+    // Once stored, a no-store request may still be answered from the cache.
+    assert_eq!(
+        proxy
+            .get_with("/user/3", &[("cache-control", "no-store")])
+            .await
+            .x_cache(),
+        "HIT"
+    );
+}
+on_both_stores!(a_no_store_request_is_not_stored);

@@ -482,7 +482,17 @@ pub const MEMORY_STORE: &str = "[store]\nbackend = \"memory\"\nmax_bytes = \"64M
 
 impl Proxy {
     pub async fn start(config_text: &str) -> Proxy {
-        let cfg = Config::parse("test.toml", config_text)
+        Proxy::start_env(config_text, &[]).await
+    }
+
+    /// Start with these environment variables visible to the config (secrets).
+    pub async fn start_env(config_text: &str, env: &[(&str, &str)]) -> Proxy {
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| env.get(name).cloned();
+        let cfg = Config::parse_with_env("test.toml", config_text, &lookup)
             .unwrap_or_else(|e| panic!("{e}\n{config_text}"));
         let running = server::start(cfg).await.expect("cachegate starts");
         let client = Client::builder(TokioExecutor::new()).build_http();

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, many tests running in parallel, each with its own
 //! redis-server, origin and cachegate.
 
+mod auth;
 mod cache;
 mod cli;
 mod harness;

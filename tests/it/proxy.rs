@@ -92,6 +92,8 @@ async fn ambiguous_paths_are_400() {
         "/a/../admin",
         "/a//b",
         "/a/%2e%2e/b",
+        "/pub/..;/admin",
+        "/a;x/b",
     ] {
         let got = proxy.get(path).await;
         assert_eq!(got.status, 400, "{path}");

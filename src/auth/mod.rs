@@ -1,0 +1,346 @@
+//! The session gate: bearer parsing, JWT verification, the session key, and the equality check
+//! against the one valid token stored for each user.
+//!
+//! A request is authenticated when its bearer token is well formed, passes the JWT checks,
+//! and equals byte for byte (in constant time) the value at its subject's session key. A newer
+//! login overwrites that key, so older tokens stop working at once. This module decides; it
+//! never talks to the store and never logs or echoes a token.
+
+pub mod jwt;
+
+use http::HeaderMap;
+use http::header;
+use serde_json::Value;
+use subtle::ConstantTimeEq;
+
+use jwt::{Claims, Verifier};
+
+/// Why a request was refused with 401.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("no bearer token")]
+    MissingToken,
+    #[error("the Authorization header is not one well-formed bearer token")]
+    Malformed,
+    #[error("the token's signature or algorithm is not accepted")]
+    InvalidSignature,
+    #[error("the token is expired or not valid yet")]
+    Expired,
+    #[error("the session was replaced by a newer login or ended")]
+    Superseded,
+    #[error("there is no session for this subject")]
+    SessionMissing,
+}
+
+impl Failure {
+    /// The `error` of the JSON body.
+    pub fn code(self) -> &'static str {
+        match self {
+            Failure::MissingToken => "missing_token",
+            Failure::Malformed => "malformed_token",
+            Failure::InvalidSignature => "invalid_signature",
+            Failure::Expired => "expired",
+            Failure::Superseded => "session_superseded",
+            Failure::SessionMissing => "session_missing",
+        }
+    }
+
+    /// The `result` label of `cachegate_auth_total`.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Failure::MissingToken => "missing_token",
+            Failure::Malformed => "malformed",
+            Failure::InvalidSignature => "invalid_signature",
+            Failure::Expired => "expired",
+            Failure::Superseded => "superseded",
+            Failure::SessionMissing => "session_missing",
+        }
+    }
+}
+
+/// Every `result` label of `cachegate_auth_total`, in index order.
+pub const RESULTS: [&str; 8] = [
+    "valid",
+    "missing_token",
+    "malformed",
+    "invalid_signature",
+    "expired",
+    "superseded",
+    "session_missing",
+    "store_error",
+];
+
+/// Who may pass a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// Untouched: no check, Authorization passed through.
+    None,
+    /// A valid session is needed.
+    Required,
+    /// Checked when a bearer is present; anonymous otherwise.
+    Optional,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::None => "none",
+            Policy::Required => "required",
+            Policy::Optional => "optional",
+        }
+    }
+}
+
+/// What to do when the session cannot be checked because the store is unreachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// 503 with Retry-After: never a 401, which would log users out during an outage.
+    Reject,
+    /// Let the request through without a subject, flagged to the upstream.
+    Allow,
+}
+
+/// The one bearer token of a request: `Ok(None)` when there is no Authorization header.
+pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Failure> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(Failure::Malformed);
+    }
+    let text = value.to_str().map_err(|_| Failure::Malformed)?;
+    let (scheme, rest) = text.trim().split_once(' ').ok_or(Failure::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Failure::Malformed);
+    }
+    let token = rest.trim();
+    // token68 (RFC 7235 §2.1); JWTs use the base64url subset and '.'.
+    let token68 = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b);
+    if token.is_empty() || token.len() > 8192 || !token.bytes().all(token68) {
+        return Err(Failure::Malformed);
+    }
+    Ok(Some(token))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Claim(String),
+}
+
+/// A key template over JWT claims, such as `user_token:{sub}`.
+#[derive(Debug, Clone)]
+pub struct SessionTemplate {
+    pub source: String,
+    parts: Vec<Part>,
+}
+
+/// Longest claim value accepted into a session key.
+const MAX_CLAIM_LEN: usize = 256;
+
+impl SessionTemplate {
+    pub fn parse(source: &str) -> Result<SessionTemplate, String> {
+        let mut parts = Vec::new();
+        let mut rest = source;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let close = rest[open..].find('}').ok_or("a '{' has no matching '}'")?;
+            let name = &rest[open + 1..open + close];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("{{{name}}} is not a claim name"));
+            }
+            parts.push(Part::Claim(name.to_string()));
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err("a '}' has no matching '{'".into());
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Claim(_))) {
+            return Err("must name at least one claim, e.g. \"user_token:{sub}\"".into());
+        }
+        Ok(SessionTemplate {
+            source: source.to_string(),
+            parts,
+        })
+    }
+
+    /// The claims the template names, in order.
+    pub fn claims(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Claim(c) => Some(c.as_str()),
+            Part::Lit(_) => None,
+        })
+    }
+
+    /// Render from a token's claims.
+    pub fn render(&self, claims: &Claims) -> Result<String, Failure> {
+        let mut out = String::with_capacity(self.source.len() + 16);
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Claim(name) => out.push_str(&claim_text(claims, name)?),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Render for one subject (admin calls): only when the subject is the sole claim.
+    pub fn render_subject(&self, subject_claim: &str, sub: &str) -> Option<String> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Claim(name) if name == subject_claim => out.push_str(sub),
+                Part::Claim(_) => return None,
+            }
+        }
+        Some(out)
+    }
+}
+
+/// A claim as key text: strings and integers only, printable, bounded.
+fn claim_text(claims: &Claims, name: &str) -> Result<String, Failure> {
+    let text = match claims.get(name) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
+        _ => return Err(Failure::Malformed),
+    };
+    valid_subject(&text)
+        .then_some(text)
+        .ok_or(Failure::Malformed)
+}
+
+/// A subject usable in a key, a header and a tag: 1-256 visible ASCII characters.
+pub fn valid_subject(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_CLAIM_LEN && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// A request whose token passed the JWT checks; the session check is still to come.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub sub: String,
+    pub token: String,
+    pub session_key: String,
+    /// The token's `exp`, when it has one.
+    pub exp: Option<u64>,
+}
+
+/// Compiled `[auth]`: how to turn a bearer into a subject and a session key.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    pub verifier: Verifier,
+    pub template: SessionTemplate,
+    pub subject_claim: String,
+}
+
+impl Gate {
+    /// The request's claimed identity: `Ok(None)` without Authorization.
+    pub fn claim(&self, headers: &HeaderMap) -> Result<Option<Claimed>, Failure> {
+        match bearer(headers)? {
+            None => Ok(None),
+            Some(token) => self.claim_token(token).map(Some),
+        }
+    }
+
+    /// Verify a token and derive its subject and session key.
+    pub fn claim_token(&self, token: &str) -> Result<Claimed, Failure> {
+        let claims = self.verifier.claims(token)?;
+        let sub = claim_text(&claims, &self.subject_claim)?;
+        let session_key = self.template.render(&claims)?;
+        Ok(Claimed {
+            sub,
+            token: token.to_string(),
+            session_key,
+            exp: claims.get("exp").and_then(Value::as_u64),
+        })
+    }
+
+    /// The stored session value against the presented token, in constant time. A missing
+    /// key never matches, not even an empty token.
+    pub fn check_session(stored: Option<&[u8]>, token: &str) -> Result<(), Failure> {
+        match stored {
+            None => Err(Failure::SessionMissing),
+            Some(v) if bool::from(v.ct_eq(token.as_bytes())) => Ok(()),
+            Some(_) => Err(Failure::Superseded),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(values: &[&'static str]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for v in values {
+            m.append(header::AUTHORIZATION, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        assert_eq!(bearer(&h(&[])), Ok(None));
+        assert_eq!(bearer(&h(&["Bearer abc.def.ghi"])), Ok(Some("abc.def.ghi")));
+        assert_eq!(
+            bearer(&h(&["bearer abc"])),
+            Ok(Some("abc")),
+            "scheme is case-insensitive"
+        );
+        assert_eq!(bearer(&h(&["BEARER   abc  "])), Ok(Some("abc")));
+        assert_eq!(
+            bearer(&h(&["Bearer "])),
+            Err(Failure::Malformed),
+            "empty bearer"
+        );
+        assert_eq!(bearer(&h(&["Bearer"])), Err(Failure::Malformed));
+        assert_eq!(bearer(&h(&["Basic Zm9vOmJhcg=="])), Err(Failure::Malformed));
+        assert_eq!(bearer(&h(&["Bearer a b"])), Err(Failure::Malformed));
+        assert_eq!(
+            bearer(&h(&["Bearer a", "Bearer b"])),
+            Err(Failure::Malformed),
+            "two headers"
+        );
+    }
+
+    #[test]
+    fn session_equality() {
+        assert_eq!(Gate::check_session(Some(b"tok"), "tok"), Ok(()));
+        assert_eq!(
+            Gate::check_session(Some(b"new"), "old"),
+            Err(Failure::Superseded)
+        );
+        assert_eq!(Gate::check_session(None, ""), Err(Failure::SessionMissing));
+        assert_eq!(
+            Gate::check_session(Some(b""), "x"),
+            Err(Failure::Superseded)
+        );
+    }
+
+    #[test]
+    fn templates_render_from_claims() {
+        let t = SessionTemplate::parse("session:{tenant}:{sub}").unwrap();
+        let claims: Claims = serde_json::from_str(r#"{"tenant":"acme","sub":42}"#).unwrap();
+        assert_eq!(t.render(&claims).unwrap(), "session:acme:42");
+        let bad: Claims = serde_json::from_str(r#"{"tenant":"a b","sub":1}"#).unwrap();
+        assert_eq!(t.render(&bad), Err(Failure::Malformed));
+        let missing: Claims = serde_json::from_str(r#"{"sub":1}"#).unwrap();
+        assert_eq!(t.render(&missing), Err(Failure::Malformed));
+        assert_eq!(
+            t.render_subject("sub", "7"),
+            None,
+            "another claim is needed"
+        );
+        let t = SessionTemplate::parse("user_token:{sub}").unwrap();
+        assert_eq!(t.render_subject("sub", "7").unwrap(), "user_token:7");
+        assert!(SessionTemplate::parse("static").is_err());
+        assert!(SessionTemplate::parse("a:{b c}").is_err());
+    }
+}
