@@ -9,7 +9,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 RUN mkdir -p src benches tests/it \
     && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/micro.rs && echo 'fn main() {}' > benches/load.rs \
+    && for b in micro load purge; do echo 'fn main() {}' > benches/$b.rs; done \
     && touch tests/it/main.rs \
     && cargo build --release --locked --bin cachegate \
     && rm -rf src

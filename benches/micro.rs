@@ -29,6 +29,7 @@ fn rule_table(n: usize) -> RuleTable {
                 query: QueryPolicy::Sorted,
                 vary: vec![],
                 tags,
+                purge: vec![],
                 auth: cachegate::auth::Policy::None,
                 scope: cachegate::rules::Scope::Anonymous,
             }

@@ -20,6 +20,7 @@ use crate::cache::store::Op;
 use crate::proxy::Engine;
 use crate::proxy::body::{ProxyBody, full};
 use crate::proxy::error::{json_error, json_response};
+use crate::purge::Trigger;
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body.into()));
@@ -63,6 +64,16 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Response<Pro
     if let Some(sub) = path.strip_prefix("/sessions/") {
         return sessions(&engine, req.method(), sub).await;
     }
+    if path == "/purge" {
+        if req.method() != Method::POST {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+            );
+        }
+        return purge(&engine, req).await;
+    }
     json_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
 }
 
@@ -98,6 +109,76 @@ fn refuse_unauthorized(engine: &Engine, req: &Request<Incoming>) -> Option<Respo
             Some(resp)
         }
     }
+}
+
+/// The largest purge request body accepted.
+const MAX_PURGE_BODY: usize = 64 << 10;
+/// The most tags and paths one purge request may name.
+const MAX_PURGE_ITEMS: usize = 1000;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    paths: Vec<String>,
+    #[serde(default)]
+    all: bool,
+}
+
+/// `POST /purge` with `{"tags": [...]}`, `{"paths": [...]}` or `{"all": true}`:
+/// one bump per tag (a path means its implicit tag, i.e. all its variants).
+async fn purge(engine: &Engine, req: Request<Incoming>) -> Response<ProxyBody> {
+    let bad = |detail: &str| json_error(StatusCode::BAD_REQUEST, "bad_request", detail);
+    let body = match crate::proxy::body::collect_limited(req.into_body(), MAX_PURGE_BODY).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return bad("the body is larger than 64 KiB"),
+        Err(_) => return bad("the body could not be read"),
+    };
+    let parsed: PurgeRequest = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return bad(&format!(
+                "expected {{\"tags\": [...]}} or {{\"paths\": [...]}}: {e}"
+            ));
+        }
+    };
+    if parsed.tags.is_empty() && parsed.paths.is_empty() && !parsed.all {
+        return bad("name at least one tag or path (or \"all\": true)");
+    }
+    if parsed.tags.len() + parsed.paths.len() > MAX_PURGE_ITEMS {
+        return bad("at most 1000 tags and paths per request");
+    }
+    let mut ids = Vec::with_capacity(parsed.tags.len() + parsed.paths.len() + 1);
+    for tag in &parsed.tags {
+        if tag.is_empty()
+            || tag.len() > 1024
+            || tag.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return bad("a tag must be 1 to 1024 characters without spaces or control characters");
+        }
+        ids.push(key::tag_id(tag));
+    }
+    for p in &parsed.paths {
+        match crate::normalize::canonical_path(p) {
+            Ok(canonical) => ids.push(key::path_tag(&canonical)),
+            Err(e) => return bad(&format!("path {p:?}: {e}")),
+        }
+    }
+    if parsed.all {
+        ids.push(key::global_tag());
+    }
+    ids.sort_by_key(|id| id.0);
+    ids.dedup();
+    let outcome = engine.purge_tags(&ids, Trigger::Admin, None).await;
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "bumped": ids.len(),
+            "queued": outcome == crate::purge::Purged::Queued,
+        }),
+    )
 }
 
 /// `GET /sessions/{sub}` (exists + TTL, never the token) and `DELETE /sessions/{sub}`
@@ -153,7 +234,7 @@ async fn sessions(engine: &Engine, method: &Method, raw_sub: &str) -> Response<P
                 }
             };
             engine
-                .purge_tags(&[key::subject_tag(&sub)], "logout", None)
+                .purge_tags(&[key::subject_tag(&sub)], Trigger::Logout, None)
                 .await;
             json_response(
                 StatusCode::OK,

@@ -10,5 +10,6 @@ pub mod config;
 pub mod metrics;
 pub mod normalize;
 pub mod proxy;
+pub mod purge;
 pub mod rules;
 pub mod server;

@@ -1,4 +1,4 @@
-//! The `cachegate` command: run, check, version.
+//! The `cachegate` command: run, check, purge, version.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +39,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Purge tags or paths through a running instance's admin API.
+    Purge {
+        /// A tag to purge, e.g. user:42 (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// A path whose cached variants to purge, e.g. /user/42 (repeatable).
+        #[arg(long = "path")]
+        paths: Vec<String>,
+        /// Purge everything.
+        #[arg(long)]
+        all: bool,
+        /// Base URL of the admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:9091")]
+        admin: String,
+        /// Environment variable holding the admin token.
+        #[arg(long, default_value = "CACHEGATE_ADMIN_TOKEN")]
+        token_env: String,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
@@ -65,6 +83,22 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::from(2)
+            }
+        },
+        Command::Purge {
+            tags,
+            paths,
+            all,
+            admin,
+            token_env,
+        } => match purge(tags, paths, all, &admin, &token_env) {
+            Ok(body) => {
+                println!("{body}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cachegate purge: {e:#}");
+                ExitCode::FAILURE
             }
         },
         Command::Run { config } => {
@@ -94,6 +128,41 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// A thin client of `POST /purge` on the admin listener.
+#[tokio::main(flavor = "current_thread")]
+async fn purge(
+    tags: Vec<String>,
+    paths: Vec<String>,
+    all: bool,
+    admin: &str,
+    token_env: &str,
+) -> anyhow::Result<String> {
+    use http_body_util::{BodyExt, Full};
+    let token = std::env::var(token_env).map_err(|_| {
+        anyhow::anyhow!("environment variable {token_env} (the admin token) is not set")
+    })?;
+    if tags.is_empty() && paths.is_empty() && !all {
+        anyhow::bail!("name at least one --tag or --path, or --all");
+    }
+    let body = serde_json::json!({ "tags": tags, "paths": paths, "all": all }).to_string();
+    let uri: http::Uri = format!("{}/purge", admin.trim_end_matches('/')).parse()?;
+    let req = http::Request::post(uri)
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))?;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("{admin} did not answer within 10s"))??;
+    let status = resp.status();
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+    if !status.is_success() {
+        anyhow::bail!("{status}: {text}");
+    }
+    Ok(text)
 }
 
 async fn shutdown_signal() {

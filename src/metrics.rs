@@ -18,6 +18,7 @@ use crate::cache::store::Op;
 pub struct RuleMetrics {
     outcomes: Vec<IntCounter>,
     auth: Vec<IntCounter>,
+    purges: Vec<IntCounter>,
     pub upstream: Histogram,
 }
 
@@ -71,6 +72,17 @@ impl Metrics {
                 )
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["rule"],
+            )
+            .expect("valid metric"),
+        );
+        let purges = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "cachegate_purges_total",
+                    "Purges (tag generation bumps) by rule and trigger.",
+                ),
+                &["rule", "trigger"],
             )
             .expect("valid metric"),
         );
@@ -153,6 +165,10 @@ impl Metrics {
                     .iter()
                     .map(|r| auth.with_label_values(&[name, r]))
                     .collect(),
+                purges: crate::purge::Trigger::ALL
+                    .iter()
+                    .map(|t| purges.with_label_values(&[name, t.as_str()]))
+                    .collect(),
                 upstream: upstream.with_label_values(&[name]),
             })
             .collect();
@@ -210,6 +226,11 @@ impl Metrics {
 impl RuleMetrics {
     pub fn outcome(&self, o: Outcome) {
         self.outcomes[o as usize].inc();
+    }
+
+    /// Count a purge.
+    pub fn purge(&self, trigger: crate::purge::Trigger) {
+        self.purges[trigger as usize].inc();
     }
 
     /// Count a session gate decision (`result` is one of `auth::RESULTS`).

@@ -118,6 +118,9 @@ impl Template {
         if source.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err("a tag must not contain spaces or control characters".into());
         }
+        if source == "*" {
+            return Err("\"*\" is reserved for the global tag (purge everything)".into());
+        }
         let mut parts = Vec::new();
         let mut rest = source;
         while let Some(open) = rest.find('{') {
@@ -198,6 +201,8 @@ pub struct RuleSpec {
     pub query: QueryPolicy,
     pub vary: Vec<HeaderName>,
     pub tags: Vec<TagTemplate>,
+    /// Tags bumped when an unsafe method on this path succeeds.
+    pub purge: Vec<TagTemplate>,
     pub auth: Policy,
     pub scope: Scope,
 }
@@ -214,6 +219,8 @@ pub struct Rule {
     pub query: QueryPolicy,
     pub vary: Vec<HeaderName>,
     pub tags: Vec<TagTemplate>,
+    /// Tags bumped when an unsafe method on this path succeeds.
+    pub purge: Vec<TagTemplate>,
     pub auth: Policy,
     pub scope: Scope,
 }
@@ -345,6 +352,7 @@ impl RuleTable {
                 query: spec.query,
                 vary: spec.vary,
                 tags: spec.tags,
+                purge: spec.purge,
                 auth: spec.auth,
                 scope: spec.scope,
             });
@@ -440,6 +448,10 @@ impl RuleTable {
                 let vary: Vec<&str> = r.vary.iter().map(|h| h.as_str()).collect();
                 let _ = write!(out, "  vary={}", vary.join(","));
             }
+            if !r.purge.is_empty() {
+                let purge: Vec<&str> = r.purge.iter().map(|t| t.source.as_str()).collect();
+                let _ = write!(out, "  purge={}", purge.join(","));
+            }
             out.push('\n');
         }
         out
@@ -460,6 +472,7 @@ mod tests {
             query: QueryPolicy::Sorted,
             vary: vec![],
             tags,
+            purge: vec![],
             auth: Policy::None,
             scope: Scope::Anonymous,
         }

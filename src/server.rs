@@ -24,6 +24,11 @@ use crate::config::{Config, StoreBackend};
 use crate::metrics::Metrics;
 use crate::proxy::Engine;
 use crate::proxy::upstream::Upstream;
+use crate::purge::Purger;
+
+/// Tag bumps held while the store is unreachable; past this the queue becomes one purge of
+/// everything.
+const PURGE_QUEUE: usize = 10_000;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,9 +72,11 @@ impl Engine {
             generation_ttl(&config),
         ));
         let upstream = Upstream::new(&config.upstream);
+        let purger = Arc::new(Purger::new(cache.clone(), metrics.clone(), PURGE_QUEUE));
         Ok(Arc::new(Engine {
             config: Arc::new(config),
             cache,
+            purger,
             upstream,
             metrics,
         }))
@@ -128,7 +135,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let tasks = vec![
         tokio::spawn(serve_proxy(engine.clone(), proxy_listener, stopped.clone())),
         tokio::spawn(serve_admin(engine.clone(), admin_listener, stopped.clone())),
-        tokio::spawn(probe_store(engine.clone(), stopped)),
+        tokio::spawn(probe_store(engine.clone(), stopped.clone())),
+        tokio::spawn(engine.purger.clone().run(stopped)),
     ];
     tracing::info!(%addr, %admin_addr, store = engine.cache.store().kind(), "cachegate listening");
     Ok(Running {

@@ -154,6 +154,12 @@ pub fn tag_id(tag: &str) -> Id {
     Id::from_hasher(&h)
 }
 
+/// The global tag every entry carries: bumping it purges the whole cache. Its text, `*`, is
+/// refused as a configured tag.
+pub fn global_tag() -> Id {
+    tag_id("*")
+}
+
 /// The implicit tag every entry of a canonical path carries (RFC 9111 §4.4).
 pub fn path_tag(path: &str) -> Id {
     let mut h = blake3::Hasher::new();

@@ -124,6 +124,7 @@ pub struct RuleFile {
     pub query: Option<Spanned<QueryFile>>,
     pub vary: Option<Vec<Text>>,
     pub tags: Option<Vec<Text>>,
+    pub purge: Option<Vec<Text>>,
     pub auth: Option<Text>,
     pub scope: Option<Text>,
 }

@@ -893,15 +893,20 @@ fn compile_rules(
                 format!("rule {rule_name:?}: match {:?}: {m}", template.get_ref()),
             )
         })?;
-        let mut tags = Vec::new();
-        for t in r.tags.iter().flatten() {
-            tags.push(route.tag(t.get_ref()).map_err(|m| {
-                cx.err(
-                    t.span(),
-                    format!("rule {rule_name:?}: tag {:?}: {m}", t.get_ref()),
-                )
-            })?);
-        }
+        let tag_list = |list: &Option<Vec<Text>>, key: &str| -> Result<Vec<_>, ConfigError> {
+            let mut out = Vec::new();
+            for t in list.iter().flatten() {
+                out.push(route.tag(t.get_ref()).map_err(|m| {
+                    cx.err(
+                        t.span(),
+                        format!("rule {rule_name:?}: {key} {:?}: {m}", t.get_ref()),
+                    )
+                })?);
+            }
+            Ok(out)
+        };
+        let tags = tag_list(&r.tags, "tag")?;
+        let purge = tag_list(&r.purge, "purge tag")?;
         let auth = match r.auth.as_ref().map(|t| t.get_ref().as_str()) {
             None => default_auth,
             Some("none") => Policy::None,
@@ -940,6 +945,7 @@ fn compile_rules(
             query,
             vary,
             tags,
+            purge,
             auth,
             scope,
         });

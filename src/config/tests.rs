@@ -265,3 +265,23 @@ fn auth_errors() {
             .contains("auth.login.path is required")
     );
 }
+
+#[test]
+fn purge_tags_are_checked_like_tags() {
+    assert_eq!(
+        err(&format!(
+            "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/user/{{id}}\"\npurge = [\"users\", \"user:{{uid}}\"]\n"
+        )),
+        "cachegate.toml:6:19: rule \"a\": purge tag \"user:{uid}\": names {uid}, which the template \"/user/{id}\" lacks (it has {id})"
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/a\"\ntags = [\"*\"]\n"
+        ))
+        .contains("reserved")
+    );
+    let c = ok(&format!(
+        "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/user/{{id}}\"\npurge = [\"user:{{id}}\", \"users\"]\n"
+    ));
+    assert!(c.rules.describe().contains("purge=user:{id},users"));
+}

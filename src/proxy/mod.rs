@@ -31,6 +31,7 @@ use crate::cache::{Cache, Found, Outcome};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::normalize::{QueryKeep, canonical_path, normalized_query};
+use crate::purge::{Purged, Purger, Trigger};
 use crate::rules::{QueryPolicy, RouteMatch, Rule, Scope};
 use body::{ProxyBody, Tee, empty};
 use error::ProxyError;
@@ -45,6 +46,7 @@ const LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Engine {
     pub config: Arc<Config>,
     pub cache: Arc<Cache>,
+    pub purger: Arc<Purger>,
     pub upstream: Upstream,
     pub metrics: Arc<Metrics>,
 }
@@ -166,6 +168,21 @@ impl Engine {
         let claimed = self.claim(policy, &parts.headers, cx)?;
 
         let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
+        // Tags a successful write makes stale: the path's own (RFC 9111 §4.4) and the
+        // rule's `purge` list.
+        let is_safe = is_read || parts.method == Method::OPTIONS || parts.method == Method::TRACE;
+        let mut write_tags = Vec::new();
+        if !is_safe {
+            write_tags.push(key::path_tag(&path));
+            if let Some(m) = &route {
+                write_tags.extend(
+                    m.rule
+                        .purge
+                        .iter()
+                        .map(|t| key::tag_id(&t.render(&m.params))),
+                );
+            }
+        }
         if let Some(m) = route.filter(|m| is_read && m.rule.ttl.is_some()) {
             return self.cached(parts, body, m, &path, &host, claimed, cx).await;
         }
@@ -184,6 +201,22 @@ impl Engine {
             .forward(parts, body.map_err(Into::into).boxed(), cx)
             .await?;
         cx.trace.fwd_status = Some(resp.status().as_u16());
+        // purge: a write the upstream accepted (2xx/3xx) invalidates before its answer returns
+        let status = resp.status();
+        if !is_safe && (status.is_success() || status.is_redirection()) {
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                if let Some(p) = resp
+                    .headers()
+                    .get(&name)
+                    .and_then(|v| same_origin_path(v, &host))
+                {
+                    write_tags.push(key::path_tag(&p));
+                }
+            }
+            if self.purge_tags(&write_tags, Trigger::Write, cx.rule).await == Purged::Queued {
+                cx.trace.detail = Some("purge-queued");
+            }
+        }
         if is_login {
             return self.capture_login(resp).await;
         }
@@ -221,6 +254,14 @@ impl Engine {
             if parts.headers.contains_key(header::AUTHORIZATION) {
                 return self.bypass(parts, body, cx, "authorization").await;
             }
+        }
+        // Purges wait for the store: until they land, nothing is read from the cache.
+        if self.purger.pending() {
+            if let Some(c) = claimed {
+                let identity = self.check_session(c, cx).await?;
+                self.apply_identity(&mut parts.headers, &identity);
+            }
+            return self.bypass(parts, body, cx, "purge-pending").await;
         }
         let scope: Option<String> = match (&claimed, rule.scope) {
             (Some(c), Scope::User) => Some(c.sub.clone()),
@@ -487,11 +528,8 @@ impl Engine {
     }
 
     /// Give tags new generations: every entry carrying one of them stops being served.
-    pub(crate) async fn purge_tags(&self, tags: &[Id], trigger: &'static str, rule: Option<usize>) {
-        let _ = rule;
-        if let Err(e) = self.cache.bump(tags).await {
-            tracing::warn!(error = %e, trigger, "purge failed: the store is unreachable");
-        }
+    pub async fn purge_tags(&self, tags: &[Id], trigger: Trigger, rule: Option<usize>) -> Purged {
+        self.purger.purge(tags, trigger, rule).await
     }
 
     /// Send a request upstream: same method, path and query; timing recorded.
@@ -599,6 +637,22 @@ fn vary_marker(plain: Id, variant: &Entry) -> Entry {
     }
 }
 
+/// The canonical path of a `Location` / `Content-Location` that points at this origin
+/// (a path, or an absolute URI with the request's host), else `None`.
+fn same_origin_path(value: &HeaderValue, host: &HeaderValue) -> Option<String> {
+    let uri: http::Uri = value.to_str().ok()?.trim().parse().ok()?;
+    if let Some(authority) = uri.authority()
+        && !authority.as_str().eq_ignore_ascii_case(host.to_str().ok()?)
+    {
+        return None;
+    }
+    let path = uri.path();
+    if !path.starts_with('/') {
+        return None;
+    }
+    canonical_path(path).ok().map(|p| p.into_owned())
+}
+
 fn empty_up() -> UpBody {
     empty()
 }
@@ -666,16 +720,17 @@ fn query_keep(policy: &QueryPolicy) -> QueryKeep<'_> {
 }
 
 /// The tags an entry of this rule carries: its own, the implicit path tag (RFC 9111 §4.4),
-/// and the subject tag when user-scoped.
+/// the global tag, and the subject tag when user-scoped.
 fn tags_for(
     rule: &Rule,
     params: &matchit::Params<'_, '_>,
     path: &str,
     sub: Option<&str>,
 ) -> Vec<Id> {
-    let mut tags = Vec::with_capacity(rule.tags.len() + 2);
+    let mut tags = Vec::with_capacity(rule.tags.len() + 3);
     tags.extend(rule.tags.iter().map(|t| key::tag_id(&t.render(params))));
     tags.push(key::path_tag(path));
+    tags.push(key::global_tag());
     if let Some(sub) = sub {
         tags.push(key::subject_tag(sub));
     }

@@ -17,6 +17,7 @@ use super::{Cx, Engine};
 use crate::auth::{Claimed, Failure, Gate, OnStoreError, Policy};
 use crate::cache::key;
 use crate::cache::store::{Op, StoreError};
+use crate::purge::Trigger;
 
 /// Set on requests let through unauthenticated because the session store was unreachable.
 pub static X_AUTH_UNVERIFIED: HeaderName = HeaderName::from_static("x-auth-unverified");
@@ -203,7 +204,7 @@ impl Engine {
         {
             tracing::warn!(error = %e, "logout: could not delete the session key");
         }
-        self.purge_tags(&[key::subject_tag(&claimed.sub)], "logout", None)
+        self.purge_tags(&[key::subject_tag(&claimed.sub)], Trigger::Logout, None)
             .await;
     }
 }

@@ -101,3 +101,49 @@ fn version_is_printed() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("cachegate "));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_command_talks_to_the_admin_api() {
+    use crate::harness::*;
+    let origin = Origin::echo().await;
+    let rules = "[admin]\ntoken_env = \"ADMIN_TOKEN\"\n[[rule]]\nname = \"u\"\nmatch = \"/u/{id}\"\nttl = \"5m\"\ntags = [\"u:{id}\"]\n";
+    let proxy = Proxy::start_env(
+        &config(&origin, MEMORY_STORE, rules),
+        &[("ADMIN_TOKEN", "cli-admin-token-0123456789")],
+    )
+    .await;
+    proxy.get("/u/1").await;
+    assert_eq!(proxy.get("/u/1").await.x_cache(), "HIT");
+    let admin = format!("http://{}", proxy.admin);
+    let out = tokio::task::spawn_blocking(move || {
+        cachegate()
+            .args(["purge", "--tag", "u:1", "--admin", &admin])
+            .env("CACHEGATE_ADMIN_TOKEN", "cli-admin-token-0123456789")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"bumped":1,"queued":false}"#
+    );
+    assert_eq!(proxy.get("/u/1").await.x_cache(), "MISS");
+    let admin = format!("http://{}", proxy.admin);
+    let refused = tokio::task::spawn_blocking(move || {
+        cachegate()
+            .args(["purge", "--tag", "u:1", "--admin", &admin])
+            .env("CACHEGATE_ADMIN_TOKEN", "wrong-token-0123456789")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("401"));
+}

@@ -177,6 +177,17 @@ impl Redis {
         String::from_utf8_lossy(&buf[..n]).trim().to_string()
     }
 
+    /// Send the server a signal by name (`STOP` freezes it with its data, `CONT` thaws it).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
     /// Kill the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -6,3 +6,4 @@ mod cache;
 mod cli;
 mod harness;
 mod proxy;
+mod purge;

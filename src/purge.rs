@@ -1,0 +1,219 @@
+//! Purges: tag generation bumps, and the retry queue that keeps an outage from leaving stale
+//! entries behind.
+//!
+//! A purge is one pipelined round trip that gives each tag a new generation; every entry that
+//! recorded an older one is dead from then on, whatever the number of entries or variants.
+//! When the store cannot take the bump, the tags wait in a bounded in-memory queue and cache
+//! reads are bypassed until the queue is flushed, so nothing stale is served after the store
+//! comes back. If the queue overflows it collapses into one bump of the global tag every
+//! entry carries (everything is purged: correct, if expensive). If the process dies with a
+//! non-empty queue, the entries it would have killed live until their TTL: TTLs are the bound.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::cache::Cache;
+use crate::cache::key::{Id, global_tag};
+use crate::metrics::Metrics;
+
+/// Why a purge happened, as labelled in `cachegate_purges_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Write,
+    Admin,
+    Logout,
+}
+
+impl Trigger {
+    pub const ALL: [Trigger; 3] = [Trigger::Write, Trigger::Admin, Trigger::Logout];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Write => "write",
+            Trigger::Admin => "admin",
+            Trigger::Logout => "logout",
+        }
+    }
+}
+
+/// Tags queued while the store was unreachable.
+struct Queue {
+    tags: VecDeque<Id>,
+}
+
+/// Bumps tags, queueing what the store could not take.
+pub struct Purger {
+    cache: Arc<Cache>,
+    metrics: Arc<Metrics>,
+    queue: std::sync::Mutex<Queue>,
+    /// Fast check on the read path: true while anything is queued.
+    pending: AtomicBool,
+    capacity: usize,
+    wake: Notify,
+}
+
+/// The result of a purge request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purged {
+    /// Every tag has a new generation.
+    Done,
+    /// The store could not be reached; the tags are queued and reads bypass the cache.
+    Queued,
+}
+
+impl Purger {
+    pub fn new(cache: Arc<Cache>, metrics: Arc<Metrics>, capacity: usize) -> Purger {
+        Purger {
+            cache,
+            metrics,
+            queue: std::sync::Mutex::new(Queue {
+                tags: VecDeque::new(),
+            }),
+            pending: AtomicBool::new(false),
+            capacity: capacity.max(1),
+            wake: Notify::new(),
+        }
+    }
+
+    /// True while bumps wait for the store: cache reads must be bypassed.
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    pub fn depth(&self) -> usize {
+        self.lock().tags.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bump `tags` now, or queue them.
+    pub async fn purge(&self, tags: &[Id], trigger: Trigger, rule: Option<usize>) -> Purged {
+        if tags.is_empty() {
+            return Purged::Done;
+        }
+        self.metrics.rule(rule).purge(trigger);
+        match self.cache.bump(tags).await {
+            Ok(()) => Purged::Done,
+            Err(e) => {
+                self.enqueue(tags);
+                tracing::warn!(
+                    error = %e,
+                    trigger = trigger.as_str(),
+                    queued = self.depth(),
+                    "purge queued: the store is unreachable; cache reads bypassed until it is flushed"
+                );
+                Purged::Queued
+            }
+        }
+    }
+
+    fn enqueue(&self, tags: &[Id]) {
+        let mut q = self.lock();
+        if q.tags.len() + tags.len() > self.capacity {
+            // Dropping any of them could leave stale entries: purge everything instead.
+            q.tags.clear();
+            q.tags.push_back(global_tag());
+            tracing::error!(
+                capacity = self.capacity,
+                "purge queue full: it will purge the whole cache"
+            );
+        } else {
+            q.tags.extend(tags.iter().copied());
+        }
+        self.pending.store(true, Ordering::Release);
+        self.metrics.purge_queue_depth.set(q.tags.len() as i64);
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Try to flush the queue once; true when it is empty afterwards.
+    pub async fn flush(&self) -> bool {
+        let batch: Vec<Id> = {
+            let q = self.lock();
+            if q.tags.is_empty() {
+                return true;
+            }
+            q.tags.iter().copied().collect()
+        };
+        if self.cache.bump(&batch).await.is_err() {
+            return false;
+        }
+        let mut q = self.lock();
+        // Tags queued while the batch was in flight stay for the next round.
+        for _ in 0..batch.len().min(q.tags.len()) {
+            q.tags.pop_front();
+        }
+        let empty = q.tags.is_empty();
+        if empty {
+            self.pending.store(false, Ordering::Release);
+            tracing::warn!(
+                flushed = batch.len(),
+                "purge queue flushed; cache reads resume"
+            );
+        }
+        self.metrics.purge_queue_depth.set(q.tags.len() as i64);
+        empty
+    }
+
+    /// Background task: retry the queue until it is empty, while `running`.
+    pub async fn run(self: Arc<Self>, mut stopped: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if !self.pending() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = stopped.changed() => return,
+                }
+            }
+            if !self.flush().await {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = stopped.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::key::tag_id;
+    use crate::cache::memory::MemoryStore;
+    use crate::cache::store::Guarded;
+
+    fn purger(capacity: usize) -> Purger {
+        let metrics = Arc::new(Metrics::new(&[]));
+        let store = Arc::new(Guarded::new(
+            Arc::new(MemoryStore::new(1 << 20, "t:")),
+            Duration::from_millis(100),
+            metrics.clone(),
+        ));
+        let cache = Arc::new(Cache::new(store, "t:", Duration::from_secs(60)));
+        Purger::new(cache, metrics, capacity)
+    }
+
+    #[tokio::test]
+    async fn queue_blocks_reads_until_flushed() {
+        let p = purger(10);
+        p.enqueue(&[tag_id("a"), tag_id("b")]);
+        assert!(p.pending());
+        assert_eq!(p.depth(), 2);
+        assert!(p.flush().await);
+        assert!(!p.pending());
+        assert_eq!(p.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn overflow_collapses_into_a_purge_of_everything() {
+        let p = purger(2);
+        p.enqueue(&[tag_id("a"), tag_id("b")]);
+        p.enqueue(&[tag_id("c")]);
+        assert_eq!(p.depth(), 1);
+        assert_eq!(p.lock().tags[0], global_tag());
+    }
+}
