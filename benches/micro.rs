@@ -30,6 +30,9 @@ fn rule_table(n: usize) -> RuleTable {
                 vary: vec![],
                 tags,
                 purge: vec![],
+                stale_while_revalidate: Duration::ZERO,
+                stale_if_error: Duration::ZERO,
+                origin_cache_control: Default::default(),
                 auth: cachegate::auth::Policy::None,
                 scope: cachegate::rules::Scope::Anonymous,
             }

@@ -64,6 +64,9 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Response<Pro
     if let Some(sub) = path.strip_prefix("/sessions/") {
         return sessions(&engine, req.method(), sub).await;
     }
+    if path == "/explain" {
+        return explain(&engine, req.uri().query().unwrap_or("")).await;
+    }
     if path == "/purge" {
         if req.method() != Method::POST {
             return json_error(
@@ -109,6 +112,48 @@ fn refuse_unauthorized(engine: &Engine, req: &Request<Incoming>) -> Option<Respo
             Some(resp)
         }
     }
+}
+
+/// `GET /explain?method=GET&url=/user/42&host=api.example.com[&sub=42]`: which rule
+/// matched, the key parts, the cacheability decision and why, and what is stored.
+async fn explain(engine: &Engine, query: &str) -> Response<ProxyBody> {
+    let mut method = "GET".to_string();
+    let mut url = None;
+    let mut host = None;
+    let mut sub = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(v) = crate::normalize::percent_decode(&v.replace('+', " ")) else {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "malformed percent-escape",
+            );
+        };
+        match k {
+            "method" => method = v,
+            "url" => url = Some(v),
+            "host" => host = Some(v),
+            "sub" => sub = Some(v),
+            _ => {}
+        }
+    }
+    let Some(url) = url else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "url is required, e.g. /explain?method=GET&url=/user/42&host=api.example.com",
+        );
+    };
+    let report = engine
+        .explain(crate::proxy::Explain {
+            method: &method,
+            url: &url,
+            host: host.as_deref(),
+            sub: sub.as_deref(),
+        })
+        .await;
+    json_response(StatusCode::OK, &report)
 }
 
 /// The largest purge request body accepted.

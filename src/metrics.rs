@@ -32,7 +32,13 @@ pub struct Metrics {
     pub purge_queue_depth: IntGauge,
     pub store_up: IntGauge,
     pub connections: IntGauge,
+    /// Time requests waited on another request's fill (in-process or across instances).
+    pub lock_wait: Histogram,
+    refreshes: Vec<IntCounter>,
 }
+
+/// Results of a background refresh.
+pub const REFRESH_RESULTS: [&str; 4] = ["refreshed", "not_modified", "uncacheable", "error"];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -152,6 +158,32 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let lock_wait = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "cachegate_lock_wait_seconds",
+                    "Time a request waited for another request's fill of the same key.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        );
+        let refreshes_vec = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "cachegate_background_refreshes_total",
+                    "Background refreshes of stale entries (stale-while-revalidate) by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        let refreshes = REFRESH_RESULTS
+            .iter()
+            .map(|r| refreshes_vec.with_label_values(&[r]))
+            .collect();
         let rules = rule_names
             .iter()
             .copied()
@@ -189,6 +221,8 @@ impl Metrics {
             purge_queue_depth,
             store_up,
             connections,
+            lock_wait,
+            refreshes,
         }
     }
 
@@ -206,6 +240,13 @@ impl Metrics {
 
     pub fn store_duration(&self, op: Op, d: Duration) {
         self.store_duration[op as usize].observe(d.as_secs_f64());
+    }
+
+    /// Count a background refresh (`result` is one of `REFRESH_RESULTS`).
+    pub fn refresh(&self, result: &str) {
+        if let Some(i) = REFRESH_RESULTS.iter().position(|r| *r == result) {
+            self.refreshes[i].inc();
+        }
     }
 
     pub fn registry(&self) -> &Registry {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use crate::auth::Policy;
+use crate::cache::policy::OriginCacheControl;
 use crate::config::units::format_duration;
 
 /// Whose entry a cached response is.
@@ -203,6 +204,11 @@ pub struct RuleSpec {
     pub tags: Vec<TagTemplate>,
     /// Tags bumped when an unsafe method on this path succeeds.
     pub purge: Vec<TagTemplate>,
+    /// Serve a stale entry at once while one background refresh runs (RFC 5861).
+    pub stale_while_revalidate: Duration,
+    /// Serve a stale entry while the upstream fails (RFC 5861).
+    pub stale_if_error: Duration,
+    pub origin_cache_control: OriginCacheControl,
     pub auth: Policy,
     pub scope: Scope,
 }
@@ -221,6 +227,11 @@ pub struct Rule {
     pub tags: Vec<TagTemplate>,
     /// Tags bumped when an unsafe method on this path succeeds.
     pub purge: Vec<TagTemplate>,
+    /// Serve a stale entry at once while one background refresh runs (RFC 5861).
+    pub stale_while_revalidate: Duration,
+    /// Serve a stale entry while the upstream fails (RFC 5861).
+    pub stale_if_error: Duration,
+    pub origin_cache_control: OriginCacheControl,
     pub auth: Policy,
     pub scope: Scope,
 }
@@ -353,6 +364,9 @@ impl RuleTable {
                 vary: spec.vary,
                 tags: spec.tags,
                 purge: spec.purge,
+                stale_while_revalidate: spec.stale_while_revalidate,
+                stale_if_error: spec.stale_if_error,
+                origin_cache_control: spec.origin_cache_control,
                 auth: spec.auth,
                 scope: spec.scope,
             });
@@ -448,6 +462,15 @@ impl RuleTable {
                 let vary: Vec<&str> = r.vary.iter().map(|h| h.as_str()).collect();
                 let _ = write!(out, "  vary={}", vary.join(","));
             }
+            if !r.stale_while_revalidate.is_zero() {
+                let _ = write!(out, "  swr={}", format_duration(r.stale_while_revalidate));
+            }
+            if !r.stale_if_error.is_zero() {
+                let _ = write!(out, "  sie={}", format_duration(r.stale_if_error));
+            }
+            if r.origin_cache_control != OriginCacheControl::Respect {
+                let _ = write!(out, "  origin={}", r.origin_cache_control.as_str());
+            }
             if !r.purge.is_empty() {
                 let purge: Vec<&str> = r.purge.iter().map(|t| t.source.as_str()).collect();
                 let _ = write!(out, "  purge={}", purge.join(","));
@@ -473,6 +496,9 @@ mod tests {
             vary: vec![],
             tags,
             purge: vec![],
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            origin_cache_control: OriginCacheControl::Respect,
             auth: Policy::None,
             scope: Scope::Anonymous,
         }

@@ -95,7 +95,10 @@ fn generation_ttl(config: &Config) -> Duration {
         .rules
         .rules()
         .iter()
-        .map(|r| r.ttl.unwrap_or_default() * 2)
+        .map(|r| {
+            let ttl = r.ttl.unwrap_or_default();
+            ttl * 2 + r.stale_while_revalidate.max(r.stale_if_error)
+        })
         .max()
         .unwrap_or_default();
     longest + Duration::from_secs(3600)

@@ -41,18 +41,22 @@ struct Flight {
 }
 
 impl Flight {
-    /// May a request that read `gens` wait on this flight? A generation the leader found
-    /// absent is being initialized by it, so any value matches until the entry is done;
-    /// `entry_serves` then checks the recorded value.
+    /// May a request that read `gens` wait on this flight? Only a generation the request
+    /// saw that neither the leader saw nor recorded rules it out: that is a purge the fill
+    /// did not see. A generation the request found absent was not purged before its lookup
+    /// (a purge writes a value), and one the leader found absent is being initialized by
+    /// it, so either matches until the entry is done; `entry_serves` then checks the
+    /// recorded values.
     fn serves(&self, gens: &[Option<u64>]) -> bool {
         if gens.len() != self.seen.len() {
             return false;
         }
         let recorded = self.recorded.get();
         gens.iter().enumerate().all(|(i, g)| {
-            *g == self.seen[i]
+            g.is_none()
+                || *g == self.seen[i]
                 || self.seen[i].is_none()
-                || (g.is_some() && recorded.map(|r| Some(r[i]) == *g).unwrap_or(false))
+                || recorded.is_some_and(|r| Some(r[i]) == *g)
         })
     }
 }
@@ -187,6 +191,10 @@ mod tests {
             flights.join(id, &[Some(5)], true),
             Joined::Waiter(_)
         ));
+        assert!(
+            matches!(flights.join(id, &[None], true), Joined::Waiter(_)),
+            "an older view (before the generation existed) waits too"
+        );
         // Someone saw generation 6: a purge landed after the leader read 5.
         let Joined::Leader(newer) = flights.join(id, &[Some(6)], true) else {
             panic!("a newer generation must not join an older fill")

@@ -103,6 +103,9 @@ pub struct StoreFile {
 #[serde(deny_unknown_fields)]
 pub struct CacheFile {
     pub max_object_size: Option<Text>,
+    pub lock_timeout: Option<Text>,
+    pub distributed_lock: Option<bool>,
+    pub honor_client_no_cache: Option<bool>,
     pub statuses: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
@@ -125,6 +128,9 @@ pub struct RuleFile {
     pub vary: Option<Vec<Text>>,
     pub tags: Option<Vec<Text>>,
     pub purge: Option<Vec<Text>>,
+    pub stale_while_revalidate: Option<Text>,
+    pub stale_if_error: Option<Text>,
+    pub origin_cache_control: Option<Text>,
     pub auth: Option<Text>,
     pub scope: Option<Text>,
 }

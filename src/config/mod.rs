@@ -16,6 +16,7 @@ use http::uri::{Authority, Scheme};
 
 use crate::auth::jwt::{KeySource, Verifier};
 use crate::auth::{Gate, OnStoreError, Policy, SessionTemplate};
+use crate::cache::policy::OriginCacheControl;
 use crate::rules::{QueryPolicy, RuleSpec, RuleTable, Scope};
 use file::{FileConfig, QueryFile, Text};
 
@@ -146,6 +147,12 @@ pub struct StoreConfig {
 pub struct CacheConfig {
     pub max_object_size: usize,
     pub statuses: StatusSet,
+    /// How long a request waits for another request's fill of the same key.
+    pub lock_timeout: Duration,
+    /// Coalesce fills across instances with a lease in the store.
+    pub distributed_lock: bool,
+    /// Let clients' `Cache-Control: no-cache` / `max-age=0` force a revalidation.
+    pub honor_client_no_cache: bool,
 }
 
 /// The set of response statuses that may be stored.
@@ -559,9 +566,17 @@ fn compile_cache(cx: &Cx<'_>, f: &file::CacheFile) -> Result<CacheConfig, Config
             StatusSet::new(&codes)
         }
     };
+    let lock_timeout = cx.duration(
+        &f.lock_timeout,
+        "cache.lock_timeout",
+        Duration::from_secs(5),
+    )?;
     Ok(CacheConfig {
         max_object_size: max_object_size as usize,
         statuses,
+        lock_timeout,
+        distributed_lock: f.distributed_lock.unwrap_or(false),
+        honor_client_no_cache: f.honor_client_no_cache.unwrap_or(false),
     })
 }
 
@@ -907,6 +922,30 @@ fn compile_rules(
         };
         let tags = tag_list(&r.tags, "tag")?;
         let purge = tag_list(&r.purge, "purge tag")?;
+        let window = |v: &Option<Text>, key: &str| -> Result<Duration, ConfigError> {
+            match v {
+                None => Ok(Duration::ZERO),
+                Some(t) => units::parse_duration(t.get_ref())
+                    .map_err(|m| cx.err(t.span(), format!("rule {rule_name:?}: {key} {m}"))),
+            }
+        };
+        let stale_while_revalidate = window(&r.stale_while_revalidate, "stale_while_revalidate")?;
+        let stale_if_error = window(&r.stale_if_error, "stale_if_error")?;
+        let origin_cache_control = match r
+            .origin_cache_control
+            .as_ref()
+            .map(|t| t.get_ref().as_str())
+        {
+            None | Some("respect") => OriginCacheControl::Respect,
+            Some("only") => OriginCacheControl::Only,
+            Some("override") => OriginCacheControl::Override,
+            Some(other) => {
+                return Err(cx.err(
+                    span_of(&r.origin_cache_control),
+                    format!("rule {rule_name:?}: origin_cache_control {other:?} is not a mode (use \"respect\", \"only\" or \"override\")"),
+                ));
+            }
+        };
         let auth = match r.auth.as_ref().map(|t| t.get_ref().as_str()) {
             None => default_auth,
             Some("none") => Policy::None,
@@ -946,6 +985,9 @@ fn compile_rules(
             vary,
             tags,
             purge,
+            stale_while_revalidate,
+            stale_if_error,
+            origin_cache_control,
             auth,
             scope,
         });

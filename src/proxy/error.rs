@@ -28,6 +28,8 @@ pub enum ProxyError {
     Unauthorized(Failure),
     #[error("session store unreachable")]
     SessionStoreUnavailable { retry_after_s: u64 },
+    #[error("only-if-cached and nothing usable is stored")]
+    NotCached,
     #[error("cannot connect to the upstream: {0}")]
     UpstreamConnect(String),
     #[error("upstream did not answer in time")]
@@ -46,6 +48,8 @@ impl ProxyError {
             ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ProxyError::SessionStoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            // RFC 9111 §5.2.1.7
+            ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
@@ -55,9 +59,10 @@ impl ProxyError {
 
     pub fn blame(&self) -> Blame {
         match self {
-            ProxyError::BadHost | ProxyError::BadPath(_) | ProxyError::Unauthorized(_) => {
-                Blame::Downstream
-            }
+            ProxyError::BadHost
+            | ProxyError::BadPath(_)
+            | ProxyError::Unauthorized(_)
+            | ProxyError::NotCached => Blame::Downstream,
             ProxyError::SessionStoreUnavailable { .. } => Blame::Internal,
             ProxyError::UpstreamConnect(_)
             | ProxyError::UpstreamTimeout
@@ -73,6 +78,7 @@ impl ProxyError {
             ProxyError::BadPath(_) => "bad_path",
             ProxyError::Unauthorized(f) => f.code(),
             ProxyError::SessionStoreUnavailable { .. } => "session_store_unavailable",
+            ProxyError::NotCached => "not_cached",
             ProxyError::UpstreamConnect(_) => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamProtocol(_) => "upstream_error",
@@ -89,6 +95,7 @@ impl ProxyError {
             ProxyError::SessionStoreUnavailable { .. } => {
                 "the session store cannot be reached; retry shortly".into()
             }
+            ProxyError::NotCached => "only-if-cached: no usable stored response".into(),
             ProxyError::UpstreamConnect(_) => "the upstream refused or could not be reached".into(),
             ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
             ProxyError::UpstreamProtocol(_) => {
@@ -207,6 +214,7 @@ mod tests {
                 Blame::Internal,
                 "session_store_unavailable",
             ),
+            (ProxyError::NotCached, 504, Blame::Downstream, "not_cached"),
             (
                 ProxyError::UpstreamConnect("refused".into()),
                 502,

@@ -39,6 +39,7 @@ macro_rules! on_both_stores {
         }
     };
 }
+pub(crate) use on_both_stores;
 
 const USER_RULE: &str =
     "[[rule]]\nname = \"user\"\nmatch = \"/user/{id}\"\nttl = \"5m\"\ntags = [\"user:{id}\"]\n";

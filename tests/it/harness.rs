@@ -279,6 +279,8 @@ pub struct Origin {
     per_target: Arc<Mutex<HashMap<String, usize>>>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     task: tokio::task::JoinHandle<()>,
+    /// Open connections, so `stop` can close kept-alive ones too.
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Origin {
@@ -307,13 +309,15 @@ impl Origin {
         let per_target: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let (t, p, s) = (total.clone(), per_target.clone(), seen.clone());
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let conns = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let (h, t, p, s) = (h.clone(), t.clone(), p.clone(), s.clone());
-                tokio::spawn(async move {
+                let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (h, t, p, s) = (h.clone(), t.clone(), p.clone(), s.clone());
                         async move {
@@ -351,6 +355,7 @@ impl Origin {
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
                 });
+                conns.lock().unwrap().push(conn.abort_handle());
             }
         });
         Origin {
@@ -359,6 +364,7 @@ impl Origin {
             per_target,
             seen,
             task,
+            connections,
         }
     }
 
@@ -393,6 +399,9 @@ impl Origin {
     /// Stop listening (connections already open are closed too).
     pub fn stop(&self) {
         self.task.abort();
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
     }
 }
 
@@ -589,6 +598,17 @@ impl Proxy {
 
     pub async fn metrics(&self) -> String {
         self.admin("GET", "/metrics", &[], "").await.text()
+    }
+
+    /// Wait until `n` store writes of entries have completed (fills write in the background).
+    pub async fn stored(&self, n: usize) {
+        eventually(Duration::from_secs(5), "entries are written", || async {
+            metric(
+                &self.metrics().await,
+                "cachegate_store_duration_seconds_count{op=\"put\"}",
+            ) >= n as f64
+        })
+        .await;
     }
 
     /// Send raw bytes on a fresh connection and return everything read until close.

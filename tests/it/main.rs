@@ -3,6 +3,7 @@
 
 mod auth;
 mod cache;
+mod caching;
 mod cli;
 mod harness;
 mod proxy;
