@@ -42,6 +42,9 @@ impl Trigger {
 /// Tags queued while the store was unreachable.
 struct Queue {
     tags: VecDeque<Id>,
+    /// Bumped each time the queue collapses into the global tag: a flush that started
+    /// before a collapse must not pop what replaced its batch.
+    epoch: u64,
 }
 
 /// Bumps tags, queueing what the store could not take.
@@ -71,6 +74,7 @@ impl Purger {
             metrics,
             queue: std::sync::Mutex::new(Queue {
                 tags: VecDeque::new(),
+                epoch: 0,
             }),
             pending: AtomicBool::new(false),
             capacity: capacity.max(1),
@@ -118,6 +122,7 @@ impl Purger {
             // Dropping any of them could leave stale entries: purge everything instead.
             q.tags.clear();
             q.tags.push_back(global_tag());
+            q.epoch += 1;
             tracing::error!(
                 capacity = self.capacity,
                 "purge queue full: it will purge the whole cache"
@@ -133,20 +138,33 @@ impl Purger {
 
     /// Try to flush the queue once; true when it is empty afterwards.
     pub async fn flush(&self) -> bool {
-        let batch: Vec<Id> = {
-            let q = self.lock();
-            if q.tags.is_empty() {
-                return true;
-            }
-            q.tags.iter().copied().collect()
+        let Some((batch, epoch)) = self.snapshot() else {
+            return true;
         };
         if self.cache.bump(&batch).await.is_err() {
             return false;
         }
+        self.flushed(&batch, epoch)
+    }
+
+    /// What a flush attempt sends: the queued tags and the queue's epoch.
+    fn snapshot(&self) -> Option<(Vec<Id>, u64)> {
+        let q = self.lock();
+        if q.tags.is_empty() {
+            return None;
+        }
+        Some((q.tags.iter().copied().collect(), q.epoch))
+    }
+
+    /// After `batch` was bumped: drop it from the queue; true when nothing is left.
+    fn flushed(&self, batch: &[Id], epoch: u64) -> bool {
         let mut q = self.lock();
-        // Tags queued while the batch was in flight stay for the next round.
-        for _ in 0..batch.len().min(q.tags.len()) {
-            q.tags.pop_front();
+        // Tags queued while the batch was in flight stay for the next round; after a
+        // collapse the queue holds the global tag instead of the batch, and it stays.
+        if q.epoch == epoch {
+            for _ in 0..batch.len().min(q.tags.len()) {
+                q.tags.pop_front();
+            }
         }
         let empty = q.tags.is_empty();
         if empty {
@@ -206,6 +224,26 @@ mod tests {
         assert!(p.flush().await);
         assert!(!p.pending());
         assert_eq!(p.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_collapse_during_a_flush_keeps_the_global_purge() {
+        let p = purger(3);
+        p.enqueue(&[tag_id("a"), tag_id("b")]);
+        let (batch, epoch) = p.snapshot().unwrap();
+        // While that batch is being bumped, another write's purge fails and overflows.
+        p.enqueue(&[tag_id("c"), tag_id("d")]);
+        assert!(
+            !p.flushed(&batch, epoch),
+            "the global tag is still to be bumped"
+        );
+        assert!(p.pending());
+        assert_eq!(
+            p.lock().tags.iter().copied().collect::<Vec<_>>(),
+            vec![global_tag()]
+        );
+        assert!(p.flush().await);
+        assert!(!p.pending());
     }
 
     #[tokio::test]

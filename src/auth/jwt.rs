@@ -24,6 +24,8 @@ pub struct Verifier {
     key: Option<DecodingKey>,
     validation: Validation,
     leeway_s: u64,
+    audience: Option<String>,
+    issuer: Option<String>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -124,7 +126,13 @@ impl Verifier {
             key,
             validation,
             leeway_s,
+            audience: audience.map(str::to_string),
+            issuer: issuer.map(str::to_string),
         })
+    }
+
+    pub fn leeway_s(&self) -> u64 {
+        self.leeway_s
     }
 
     pub fn verifies_signatures(&self) -> bool {
@@ -146,9 +154,33 @@ impl Verifier {
                 let claims: Claims = jsonwebtoken::dangerous::insecure_decode_claims(token)
                     .map_err(|_| Failure::Malformed)?;
                 check_times(&claims, self.leeway_s, now_s())?;
+                self.check_audience_and_issuer(&claims)?;
                 Ok(claims)
             }
         }
+    }
+}
+
+impl Verifier {
+    /// `aud` / `iss` when configured (the key path has jsonwebtoken check them): a token
+    /// that names them must name the configured ones, as in the verified mode.
+    fn check_audience_and_issuer(&self, claims: &Claims) -> Result<(), Failure> {
+        if let (Some(want), Some(aud)) = (&self.audience, claims.get("aud")) {
+            let ok = match aud {
+                Value::String(s) => s == want,
+                Value::Array(list) => list.iter().any(|v| v.as_str() == Some(want)),
+                _ => false,
+            };
+            if !ok {
+                return Err(Failure::InvalidSignature);
+            }
+        }
+        if let (Some(want), Some(iss)) = (&self.issuer, claims.get("iss"))
+            && iss.as_str() != Some(want)
+        {
+            return Err(Failure::InvalidSignature);
+        }
+        Ok(())
     }
 }
 
@@ -315,6 +347,34 @@ mod tests {
             verifier(KeySource::None).claims(&token).unwrap_err(),
             Failure::InvalidSignature
         );
+    }
+
+    #[test]
+    fn audience_and_issuer_apply_without_a_key_too() {
+        for key in [KeySource::None, KeySource::Secret(SECRET)] {
+            let v = Verifier::new(&["HS256".into()], key, 5, Some("api"), Some("login")).unwrap();
+            let exp = now_s() + 60;
+            assert!(
+                v.claims(&hs256(
+                    json!({"sub": "1", "exp": exp, "aud": "api", "iss": "login"})
+                ))
+                .is_ok()
+            );
+            assert!(
+                v.claims(&hs256(json!({"sub": "1", "exp": exp, "aud": ["x", "api"]})))
+                    .is_ok()
+            );
+            assert_eq!(
+                v.claims(&hs256(json!({"sub": "1", "exp": exp, "aud": "other"})))
+                    .unwrap_err(),
+                Failure::InvalidSignature
+            );
+            assert_eq!(
+                v.claims(&hs256(json!({"sub": "1", "exp": exp, "iss": "evil"})))
+                    .unwrap_err(),
+                Failure::InvalidSignature
+            );
+        }
     }
 
     #[test]

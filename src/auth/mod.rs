@@ -237,9 +237,39 @@ pub struct Gate {
     pub verifier: Verifier,
     pub template: SessionTemplate,
     pub subject_claim: String,
+    memo: Memo,
 }
 
+/// Tokens that passed the JWT checks recently, so a client's next requests skip the
+/// signature verification and claim parsing. Only successes are remembered, `exp` is checked
+/// again on every use, and the session equality check in the store is never skipped.
+#[derive(Clone)]
+struct Memo(moka::sync::Cache<String, Claimed>);
+
+impl std::fmt::Debug for Memo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Memo")
+    }
+}
+
+/// Verified tokens remembered, and for how long.
+const MEMO_CAPACITY: u64 = 10_000;
+const MEMO_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Gate {
+    pub fn new(verifier: Verifier, template: SessionTemplate, subject_claim: String) -> Gate {
+        let memo = moka::sync::Cache::builder()
+            .max_capacity(MEMO_CAPACITY)
+            .time_to_live(MEMO_TTL)
+            .build();
+        Gate {
+            verifier,
+            template,
+            subject_claim,
+            memo: Memo(memo),
+        }
+    }
+
     /// The request's claimed identity: `Ok(None)` without Authorization.
     pub fn claim(&self, headers: &HeaderMap) -> Result<Option<Claimed>, Failure> {
         match bearer(headers)? {
@@ -250,15 +280,27 @@ impl Gate {
 
     /// Verify a token and derive its subject and session key.
     pub fn claim_token(&self, token: &str) -> Result<Claimed, Failure> {
+        if let Some(c) = self.memo.0.get(token) {
+            let now = jwt::now_s();
+            if c.exp
+                .is_some_and(|exp| exp.saturating_add(self.verifier.leeway_s()) < now)
+            {
+                self.memo.0.invalidate(token);
+                return Err(Failure::Expired);
+            }
+            return Ok(c);
+        }
         let claims = self.verifier.claims(token)?;
         let sub = claim_text(&claims, &self.subject_claim)?;
         let session_key = self.template.render(&claims)?;
-        Ok(Claimed {
+        let claimed = Claimed {
             sub,
             token: token.to_string(),
             session_key,
             exp: claims.get("exp").and_then(Value::as_u64),
-        })
+        };
+        self.memo.0.insert(token.to_string(), claimed.clone());
+        Ok(claimed)
     }
 
     /// The stored session value against the presented token, in constant time. A missing
@@ -322,6 +364,27 @@ mod tests {
             Gate::check_session(Some(b""), "x"),
             Err(Failure::Superseded)
         );
+    }
+
+    #[test]
+    fn remembered_tokens_still_expire() {
+        let verifier =
+            Verifier::new(&["HS256".into()], jwt::KeySource::None, 0, None, None).unwrap();
+        let gate = Gate::new(
+            verifier,
+            SessionTemplate::parse("user_token:{sub}").unwrap(),
+            "sub".into(),
+        );
+        let expired = Claimed {
+            sub: "1".into(),
+            token: "t".into(),
+            session_key: "user_token:1".into(),
+            exp: Some(jwt::now_s() - 10),
+        };
+        gate.memo.0.insert("t".into(), expired);
+        assert_eq!(gate.claim_token("t").unwrap_err(), Failure::Expired);
+        // ...and are forgotten: the next attempt goes through the full checks again.
+        assert_eq!(gate.claim_token("t").unwrap_err(), Failure::Malformed);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use http::HeaderMap;
 use http::HeaderName;
-use http::header::ACCEPT_ENCODING;
+use http::header::{ACCEPT_ENCODING, ACCEPT_LANGUAGE};
 
 /// Domain separation for entry keys; bump the suffix only with a deliberate key migration.
 const KEY_DOMAIN: &[u8] = b"cachegate/entry/v1";
@@ -90,12 +90,28 @@ impl KeyParts<'_> {
                 part(&mut h, accept_encoding_bucket(self.headers).as_bytes());
                 continue;
             }
-            let values = self.headers.get_all(name);
-            let count = values.iter().count() as u64;
-            h.update(&count.to_le_bytes());
-            for v in values {
-                part(&mut h, v.as_bytes());
+            // Field lines are combined and spaces around commas dropped (RFC 9110 §5.3),
+            // so spellings of the same list share one entry; absent differs from empty.
+            let mut values = self.headers.get_all(name).iter().peekable();
+            if values.peek().is_none() {
+                h.update(&0u64.to_le_bytes());
+                continue;
             }
+            let mut combined: Vec<u8> = Vec::new();
+            for v in values {
+                for member in v.as_bytes().split(|b| *b == b',') {
+                    if !combined.is_empty() {
+                        combined.push(b',');
+                    }
+                    combined.extend_from_slice(member.trim_ascii());
+                }
+            }
+            if name == ACCEPT_LANGUAGE {
+                // Language tags are case-insensitive (RFC 4647).
+                combined.make_ascii_lowercase();
+            }
+            h.update(&1u64.to_le_bytes());
+            part(&mut h, &combined);
         }
         match self.scope {
             None => {
@@ -261,6 +277,34 @@ mod tests {
         let ids = [&none, &empty, &fr].map(|h| parts(h, &vary, None).id());
         assert_ne!(ids[0], ids[1]);
         assert_ne!(ids[1], ids[2]);
+    }
+
+    #[test]
+    fn vary_values_are_normalized() {
+        let vary = [
+            HeaderName::from_static("accept-language"),
+            HeaderName::from_static("x-list"),
+        ];
+        let mk = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let a = mk(&[("accept-language", "fr, en"), ("x-list", "a,b")]);
+        let b = mk(&[
+            ("accept-language", "FR,en"),
+            ("x-list", "a"),
+            ("x-list", "b"),
+        ]);
+        assert_eq!(parts(&a, &vary, None).id(), parts(&b, &vary, None).id());
+        let c = mk(&[("accept-language", "fr, en"), ("x-list", "A,b")]);
+        assert_ne!(
+            parts(&a, &vary, None).id(),
+            parts(&c, &vary, None).id(),
+            "other headers keep their case"
+        );
     }
 
     #[test]

@@ -188,7 +188,9 @@ pub fn decide(
     statuses: &StatusSet,
     now_ms: u64,
 ) -> Result<Freshness, NotStored> {
-    if !statuses.contains(status.as_u16()) {
+    let code = status.as_u16();
+    // Never a partial or an interim response.
+    if code == 206 || code < 200 {
         return Err("status");
     }
     if headers.contains_key(header::SET_COOKIE) {
@@ -206,11 +208,15 @@ pub fn decide(
         return Err("private");
     }
     let override_mode = rule.origin == OriginCacheControl::Override;
+    let only_mode = rule.origin == OriginCacheControl::Only;
     if cc.no_store && !override_mode {
         return Err("no-store");
     }
     let ttl_s = rule.ttl.as_secs();
     let date_s = http_date(headers, header::DATE);
+    let has_validator =
+        headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
+    let no_cache = cc.no_cache && !override_mode;
     let explicit: Option<u64> = if override_mode {
         None
     } else if let Some(s) = cc.s_maxage {
@@ -222,18 +228,40 @@ pub fn decide(
         let expires = http_date(headers, header::EXPIRES);
         let base = date_s.unwrap_or(now_ms / 1000);
         Some(expires.map(|e| e.saturating_sub(base)).unwrap_or(0))
+    } else if no_cache {
+        // Stored to be revalidated before every use: zero freshness, explicitly.
+        Some(0)
     } else {
         None
     };
-    if rule.origin == OriginCacheControl::Only && explicit.is_none() {
+    // RFC 9111 §4.2.2: without explicit freshness, a heuristic one (10% of the time since
+    // Last-Modified) for statuses that are heuristically cacheable, or marked public.
+    let heuristic = || -> Option<u64> {
+        let cacheable = HEURISTIC_STATUSES.contains(&code) || cc.public;
+        let last_modified = http_date(headers, header::LAST_MODIFIED)?;
+        let base = date_s.unwrap_or(now_ms / 1000);
+        cacheable.then(|| base.saturating_sub(last_modified) / 10)
+    };
+    // `statuses` is the operator's list; a pure shared cache (`only`) stores any final
+    // status the origin gave explicit freshness, as RFC 9111 §3 allows.
+    let status_allowed = statuses.contains(code) || (only_mode && explicit.is_some());
+    if !status_allowed {
+        return Err("status");
+    }
+    let lifetime_s = match (explicit, only_mode) {
+        (Some(e), _) => Some(e),
+        (None, true) => heuristic(),
+        (None, false) => None,
+    };
+    if only_mode && lifetime_s.is_none() {
         return Err("no-explicit-freshness");
     }
-    let lifetime_s = explicit.map_or(ttl_s, |e| e.min(ttl_s));
-    // RFC 9111 §4.2.3: the age a response already has when it arrives.
-    // RFC 9111 §1.2.2: a delta-seconds too large to represent means 2^31 (stale on arrival).
+    // RFC 9111 §4.2.3: the age a response already has when it arrives. Only the first
+    // member of the first Age line counts; one too large to represent is 2^31 (§1.2.2).
     let age_value = headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.split(',').next())
         .map(str::trim)
         .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
         .map(|s| s.parse::<u64>().unwrap_or(1 << 31).min(1 << 31))
@@ -246,17 +274,16 @@ pub fn decide(
     } else {
         age_value.max(apparent_age)
     };
-    let fresh_s = lifetime_s.saturating_sub(age);
-    let no_cache = cc.no_cache && !override_mode;
+    // What is left of the origin's freshness, never more than the rule's ttl from now.
+    let fresh_s = lifetime_s.unwrap_or(ttl_s).saturating_sub(age).min(ttl_s);
     let must_revalidate =
         !override_mode && (cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some());
-    let has_validator =
-        headers.contains_key(header::ETAG) || headers.contains_key(header::LAST_MODIFIED);
     if no_cache && !has_validator {
         // Every reuse would need a full refetch: storing it would only cost memory.
         return Err("no-cache-without-validator");
     }
     let fresh_ms = if no_cache { 0 } else { fresh_s * 1000 };
+    // Stale windows: the origin's directives when it sends them (RFC 5861), else the rule's.
     let (swr_s, sie_s) = if override_mode {
         (
             rule.stale_while_revalidate.as_secs(),
@@ -267,12 +294,9 @@ pub fn decide(
         (0, 0)
     } else {
         (
-            rule.stale_while_revalidate
-                .as_secs()
-                .max(cc.stale_while_revalidate.unwrap_or(0)),
-            rule.stale_if_error
-                .as_secs()
-                .max(cc.stale_if_error.unwrap_or(0)),
+            cc.stale_while_revalidate
+                .unwrap_or(rule.stale_while_revalidate.as_secs()),
+            cc.stale_if_error.unwrap_or(rule.stale_if_error.as_secs()),
         )
     };
     let fresh_until_ms = now_ms + fresh_ms;
@@ -296,6 +320,9 @@ pub fn decide(
         store_ttl: Duration::from_millis(store_ms),
     })
 }
+
+/// Statuses a cache may give heuristic freshness (RFC 9110 §15.1), 206 aside.
+const HEURISTIC_STATUSES: [u16; 11] = [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
 
 #[cfg(test)]
 mod tests {
@@ -423,6 +450,76 @@ mod tests {
         assert_eq!(
             fresh_s(&[("set-cookie", "s=1")], Override),
             Err("set-cookie")
+        );
+    }
+
+    #[test]
+    fn age_parsing_and_capping_follow_the_rfc() {
+        use OriginCacheControl::Respect as R;
+        // Only the first member counts: "7200, 0" is 7200 (stale).
+        assert_eq!(
+            fresh_s(&[("cache-control", "max-age=3600"), ("age", "7200, 0")], R),
+            Err("stale-on-arrival")
+        );
+        // The ttl caps what is left of the origin's freshness, not the freshness itself.
+        assert_eq!(
+            fresh_s(&[("cache-control", "max-age=10000"), ("age", "3600")], R),
+            Ok(300)
+        );
+    }
+
+    #[test]
+    fn only_mode_is_a_shared_cache() {
+        use OriginCacheControl::Only;
+        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let r = rule(Only);
+        // Any final status with explicit freshness...
+        let f = decide(
+            StatusCode::FOUND,
+            &h(&[("cache-control", "max-age=60")]),
+            &r,
+            &statuses,
+            NOW,
+        );
+        assert!(f.is_ok());
+        assert_eq!(
+            decide(StatusCode::FOUND, &h(&[]), &r, &statuses, NOW),
+            Err("status")
+        );
+        // ...heuristic freshness from Last-Modified for heuristically cacheable statuses...
+        let lm = format_http_date(NOW / 1000 - 1000);
+        let date = format_http_date(NOW / 1000);
+        assert_eq!(
+            fresh_s(&[("last-modified", &lm), ("date", &date)], Only),
+            Ok(100)
+        );
+        // ...and no-cache with a validator is stored, to be revalidated on every use.
+        assert_eq!(
+            fresh_s(&[("cache-control", "no-cache"), ("etag", "\"x\"")], Only),
+            Ok(0)
+        );
+    }
+
+    #[test]
+    fn the_origins_stale_windows_win_over_the_rules() {
+        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let mut r = rule(OriginCacheControl::Respect);
+        r.stale_if_error = Duration::from_secs(600);
+        let h1 = h(&[("cache-control", "max-age=60, stale-if-error=1")]);
+        let f = decide(StatusCode::OK, &h1, &r, &statuses, NOW).unwrap();
+        assert_eq!(f.sie_until_ms - f.fresh_until_ms, 1000);
+        let f = decide(
+            StatusCode::OK,
+            &h(&[("cache-control", "max-age=60")]),
+            &r,
+            &statuses,
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(
+            f.sie_until_ms - f.fresh_until_ms,
+            600_000,
+            "the rule's when the origin says nothing"
         );
     }
 

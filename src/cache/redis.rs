@@ -63,14 +63,22 @@ fn backend(e: redis::RedisError) -> StoreError {
     }
 }
 
-/// A GET reply as bytes. A value of another type (a hash where an entry should be, say)
-/// reads as absent, so the caller treats it as a miss and overwrites it.
-fn bytes_of(v: Value) -> Option<Bytes> {
+/// A GET reply as bytes. A value of another type (a hash where an entry should be, say:
+/// WRONGTYPE) reads as absent, so the caller treats it as a miss and overwrites it. Any
+/// other error reply (LOADING after a restart, BUSY, MASTERDOWN...) is a store fault: it
+/// must never read as "no session" (a 401) or "no generation" (a wildcard).
+fn bytes_of(v: Value) -> Result<Option<Bytes>, StoreError> {
     match v {
-        Value::BulkString(b) => Some(Bytes::from(b)),
-        Value::SimpleString(s) => Some(Bytes::from(s)),
-        Value::Int(i) => Some(Bytes::from(i.to_string())),
-        _ => None,
+        Value::BulkString(b) => Ok(Some(Bytes::from(b))),
+        Value::SimpleString(s) => Ok(Some(Bytes::from(s))),
+        Value::Int(i) => Ok(Some(Bytes::from(i.to_string()))),
+        Value::ServerError(e) if e.code() == "WRONGTYPE" => Ok(None),
+        Value::ServerError(e) => Err(StoreError::Backend(format!(
+            "{} {}",
+            e.code(),
+            e.details().unwrap_or_default()
+        ))),
+        _ => Ok(None),
     }
 }
 
@@ -88,7 +96,7 @@ impl Store for RedisStore {
         for k in &keys {
             pipe.cmd("GET").arg(k);
         }
-        Box::pin(async move { Ok(self.run(pipe).await?.into_iter().map(bytes_of).collect()) })
+        Box::pin(async move { self.run(pipe).await?.into_iter().map(bytes_of).collect() })
     }
 
     fn put<'a>(
@@ -130,7 +138,7 @@ impl Store for RedisStore {
                 .ignore();
             pipe.cmd("GET").arg(k);
         }
-        Box::pin(async move { Ok(self.run(pipe).await?.into_iter().map(bytes_of).collect()) })
+        Box::pin(async move { self.run(pipe).await?.into_iter().map(bytes_of).collect() })
     }
 
     fn set_many<'a>(

@@ -770,11 +770,7 @@ fn compile_auth(
     };
     Ok(AuthConfig {
         default,
-        gate: Gate {
-            verifier,
-            template,
-            subject_claim,
-        },
+        gate: Gate::new(verifier, template, subject_claim),
         on_store_error,
         retry_after,
         subject_header,

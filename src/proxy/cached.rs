@@ -115,9 +115,29 @@ enum Fetched {
 }
 
 /// A lease on a key's fill, held in the store so instances sharing it fill once.
+/// Dropping it gives it back (only if it is still ours), whatever way the fill ended: a
+/// fill abandoned mid-body must not leave other instances waiting for the lease to expire.
 struct Lease {
+    cache: Arc<crate::cache::Cache>,
     key: Vec<u8>,
     token: Bytes,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // shutting down: the lease expires by itself
+        };
+        let cache = self.cache.clone();
+        let key = std::mem::take(&mut self.key);
+        let token = std::mem::take(&mut self.token);
+        runtime.spawn(async move {
+            let store = cache.store();
+            let _ = store
+                .call(Op::Lock, store.store().del_if_equals(key, token))
+                .await;
+        });
+    }
 }
 
 enum LeaseOutcome {
@@ -408,7 +428,7 @@ impl Engine {
                     rparts,
                     body.boxed(),
                     &client_method,
-                    false,
+                    None,
                 ))
             }
             Ok(Fetched::NotModified { entry, ttl }) => {
@@ -418,7 +438,6 @@ impl Engine {
                 cx.trace.stored = ttl.is_some();
                 cx.trace.ttl = Some(respond::ttl_left(&entry, now));
                 let entry = Arc::new(entry);
-                leader.complete(entry.clone());
                 let resp = respond::from_entry(
                     entry.status,
                     entry.headers.clone(),
@@ -427,8 +446,11 @@ impl Engine {
                     &client_method,
                     &client_headers,
                 );
+                // Only a storable refresh is shared with waiters: one the origin now marks
+                // private, no-store or Set-Cookie belongs to this client alone.
                 match ttl {
                     Some(ttl) => {
+                        leader.complete(entry.clone());
                         let engine = self.clone();
                         tokio::spawn(async move {
                             engine
@@ -436,7 +458,10 @@ impl Engine {
                                 .await
                         });
                     }
-                    None => self.release(lease),
+                    None => {
+                        drop(leader);
+                        self.release(lease);
+                    }
                 }
                 Ok(resp)
             }
@@ -464,7 +489,13 @@ impl Engine {
                     });
                 });
                 let tee = Tee::new(body, self.config.cache.max_object_size, on_complete);
-                Ok(respond_streaming(rparts, tee.boxed(), &client_method, true))
+                let limit = self.config.cache.max_object_size;
+                Ok(respond_streaming(
+                    rparts,
+                    tee.boxed(),
+                    &client_method,
+                    Some(limit),
+                ))
             }
         }
     }
@@ -533,7 +564,13 @@ impl Engine {
         if rparts.status == StatusCode::NOT_MODIFIED
             && let Some(s) = stale
         {
-            // RFC 9111 §4.3.4: the stored response, its headers updated from the 304.
+            // RFC 9111 §4.3.4: the stored response, its headers updated from the 304 (which
+            // gets a Date if it has none, so the refreshed entry's age starts now).
+            if !rparts.headers.contains_key(header::DATE)
+                && let Ok(date) = HeaderValue::from_str(&policy::format_http_date(now / 1000))
+            {
+                rparts.headers.insert(header::DATE, date);
+            }
             let mut entry = s.clone();
             refresh_headers(&mut entry.headers, &rparts.headers);
             let ttl = policy::decide(
@@ -642,7 +679,11 @@ impl Engine {
                 .await
             {
                 Ok(true) => {
-                    return LeaseOutcome::Held(Lease { key, token });
+                    return LeaseOutcome::Held(Lease {
+                        cache: self.cache.clone(),
+                        key,
+                        token,
+                    });
                 }
                 Ok(false) => {}
                 Err(_) => return LeaseOutcome::Proceed,
@@ -669,19 +710,9 @@ impl Engine {
         }
     }
 
-    /// Give a lease back (only if it is still ours), without waiting for it.
+    /// Give a lease back now (dropping it does that), without waiting for it.
     fn release(&self, lease: Option<Lease>) {
-        let Some(lease) = lease else { return };
-        let cache = self.cache.clone();
-        tokio::spawn(async move {
-            let store = cache.store();
-            let _ = store
-                .call(
-                    Op::Lock,
-                    store.store().del_if_equals(lease.key, lease.token),
-                )
-                .await;
-        });
+        drop(lease);
     }
 
     /// Refresh a stale entry in the background (stale-while-revalidate), once per key in
@@ -857,20 +888,26 @@ fn vary_marker(plain: Id, variant: &Entry) -> Entry {
 }
 
 /// The response to the client for an upstream answer, honouring HEAD. `store`: the body is
-/// a tee whose copy is being stored (a HEAD then keeps draining it in the background;
-/// otherwise the body is dropped, which costs the pooled connection, not a download).
+/// a tee whose copy is being stored, at most that many bytes: a HEAD then keeps draining it
+/// in the background, but never past the limit (where the tee gives up its copy anyway).
+/// Otherwise the body is dropped, which costs the pooled connection, not a download.
 fn respond_streaming(
     parts: http::response::Parts,
     body: ProxyBody,
     client_method: &Method,
-    store: bool,
+    store: Option<usize>,
 ) -> Response<ProxyBody> {
     if client_method == Method::HEAD {
-        if store {
+        if let Some(limit) = store {
             tokio::spawn(async move {
                 let mut body = body;
+                let mut read = 0usize;
                 while let Some(frame) = body.frame().await {
-                    if frame.is_err() {
+                    match frame {
+                        Ok(f) => read += f.data_ref().map_or(0, |d| d.len()),
+                        Err(_) => break,
+                    }
+                    if read > limit {
                         break;
                     }
                 }
@@ -957,10 +994,12 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 /// Response fields that are never stored: computed per response, or per connection.
-static NOT_STORED: [HeaderName; 3] = [
+static NOT_STORED: [HeaderName; 4] = [
     header::AGE,
     HeaderName::from_static("x-cache"),
     HeaderName::from_static("cache-status"),
+    // RFC 9111 §3.1: it describes one connection's proxy authentication.
+    HeaderName::from_static("proxy-authentication-info"),
 ];
 
 fn freshness_flags(fresh: &Freshness) -> u16 {

@@ -129,8 +129,7 @@ impl Engine {
         parts.headers.insert(header::HOST, host.clone());
         // Identity headers come from the gate only, never from the client.
         let auth = &config.auth;
-        parts.headers.remove(&auth.subject_header);
-        parts.headers.remove(&session::X_AUTH_UNVERIFIED);
+        session::strip_identity_headers(&mut parts.headers, &auth.subject_header);
 
         // authenticate (the session check follows, pipelined with a lookup where possible)
         let is_login = auth
@@ -207,7 +206,7 @@ impl Engine {
             && resp.status().is_success()
             && let Identity::Verified(c) = &identity
         {
-            self.end_session(c).await;
+            self.end_session(c).await?;
         }
         Ok(resp.map(|b| b.boxed()))
     }

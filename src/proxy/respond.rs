@@ -128,6 +128,63 @@ pub fn not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
     false
 }
 
+/// The single byte range a request asks for, if it should be honoured: `Some(Some((first,
+/// last)))` to serve, `Some(None)` when unsatisfiable (416), `None` to serve the whole body
+/// (no Range, several ranges, another unit, or an If-Range that no longer matches).
+fn byte_range(
+    request: &HeaderMap,
+    stored: &HeaderMap,
+    len: usize,
+) -> Option<Option<(usize, usize)>> {
+    let spec = request.get(header::RANGE)?.to_str().ok()?.trim();
+    if let Some(if_range) = request.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) {
+        let if_range = if_range.trim();
+        let matches = if if_range.starts_with('"') {
+            // A strong comparison (RFC 9110 §13.1.5): weak tags never match.
+            stored.get(header::ETAG).and_then(|v| v.to_str().ok()) == Some(if_range)
+        } else {
+            let date = httpdate::parse_http_date(if_range).ok();
+            let lm = stored
+                .get(header::LAST_MODIFIED)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok());
+            date.is_some() && date == lm
+        };
+        if !matches {
+            return None;
+        }
+    }
+    let ranges = spec.strip_prefix("bytes=")?;
+    if ranges.contains(',') {
+        return None;
+    }
+    let (a, b) = ranges.trim().split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    let parse = |s: &str| -> Option<usize> {
+        if s.is_empty() || !s.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        Some(s.parse::<u64>().unwrap_or(u64::MAX).min(usize::MAX as u64) as usize)
+    };
+    let range = if a.is_empty() {
+        // A suffix: the last n bytes.
+        let n = parse(b)?;
+        if n == 0 || len == 0 {
+            None
+        } else {
+            Some((len.saturating_sub(n), len - 1))
+        }
+    } else {
+        let first = parse(a)?;
+        let last = if b.is_empty() { usize::MAX } else { parse(b)? };
+        if last < first {
+            return None;
+        }
+        (first < len).then(|| (first, last.min(len - 1)))
+    };
+    Some(range)
+}
+
 /// Fields a 304 carries (RFC 9110 §15.4.5).
 static NOT_MODIFIED_FIELDS: [header::HeaderName; 7] = [
     header::CACHE_CONTROL,
@@ -160,6 +217,34 @@ pub fn from_entry(
         let mut r = Response::new(empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
         *r.headers_mut() = kept;
+        r
+    } else if let Some(range) = (entry_status == StatusCode::OK && method == Method::GET)
+        .then(|| byte_range(request, &headers, body.len()))
+        .flatten()
+    {
+        // RFC 9110 §14: one byte range of a stored complete response.
+        headers.remove(header::CONTENT_LENGTH);
+        let len = body.len();
+        let mut r = match range {
+            Some((first, last)) => {
+                let value = format!("bytes {first}-{last}/{len}");
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
+                let mut r = Response::new(full(body.slice(first..last + 1)));
+                *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                r
+            }
+            None => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
+                let mut r = Response::new(empty());
+                *r.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                r
+            }
+        };
+        *r.headers_mut() = headers;
         r
     } else {
         let len = body.len();
@@ -221,6 +306,28 @@ mod tests {
             ]),
             &stored
         ));
+    }
+
+    #[test]
+    fn byte_ranges() {
+        let stored = h(&[("etag", "\"v1\"")]);
+        let r = |v: &'static str| byte_range(&h(&[("range", v)]), &stored, 10);
+        assert_eq!(r("bytes=0-3"), Some(Some((0, 3))));
+        assert_eq!(r("bytes=5-"), Some(Some((5, 9))));
+        assert_eq!(r("bytes=-3"), Some(Some((7, 9))));
+        assert_eq!(r("bytes=8-100"), Some(Some((8, 9))));
+        assert_eq!(r("bytes=10-12"), Some(None), "unsatisfiable");
+        assert_eq!(r("bytes=0-1,4-5"), None, "several ranges: the whole body");
+        assert_eq!(r("items=0-1"), None);
+        assert_eq!(r("bytes=3-1"), None);
+        let stale = h(&[("range", "bytes=0-1"), ("if-range", "\"v0\"")]);
+        assert_eq!(
+            byte_range(&stale, &stored, 10),
+            None,
+            "If-Range no longer matches"
+        );
+        let fresh = h(&[("range", "bytes=0-1"), ("if-range", "\"v1\"")]);
+        assert_eq!(byte_range(&fresh, &stored, 10), Some(Some((0, 1))));
     }
 
     #[test]

@@ -22,6 +22,27 @@ use crate::purge::Trigger;
 /// Set on requests let through unauthenticated because the session store was unreachable.
 pub static X_AUTH_UNVERIFIED: HeaderName = HeaderName::from_static("x-auth-unverified");
 
+/// Remove every client-sent copy of the identity headers, including spellings with '_' for
+/// '-' (`X_Auth_Subject`), which CGI-style upstreams (PHP, Rack) read as the same variable.
+pub fn strip_identity_headers(headers: &mut HeaderMap, subject_header: &HeaderName) {
+    headers.remove(subject_header);
+    headers.remove(&X_AUTH_UNVERIFIED);
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let n = name.as_str();
+            n.contains('_') && {
+                let dashed = n.replace('_', "-");
+                dashed == subject_header.as_str() || dashed == X_AUTH_UNVERIFIED.as_str()
+            }
+        })
+        .cloned()
+        .collect();
+    for name in lookalikes {
+        headers.remove(name);
+    }
+}
+
 /// Who a request is, after the gate.
 pub enum Identity {
     Anonymous,
@@ -194,17 +215,23 @@ impl Engine {
 
     /// After a successful logout: end the caller's session (only if it is still the one
     /// presented, so an old token cannot end a newer login) and drop its cached entries.
-    pub(super) async fn end_session(&self, claimed: &Claimed) {
+    ///
+    /// If the session key cannot be deleted the logout is answered 503 (the client retries):
+    /// a 2xx would tell the user they are logged out while the token still works.
+    pub(super) async fn end_session(&self, claimed: &Claimed) -> Result<(), ProxyError> {
         let store = self.cache.store();
         let key = claimed.session_key.as_bytes().to_vec();
         let token = Bytes::from(claimed.token.clone());
-        if let Err(e) = store
+        let deleted = store
             .call(Op::Session, store.store().del_if_equals(key, token))
-            .await
-        {
-            tracing::warn!(error = %e, "logout: could not delete the session key");
-        }
+            .await;
         self.purge_tags(&[key::subject_tag(&claimed.sub)], Trigger::Logout, None)
             .await;
+        deleted.map(|_| ()).map_err(|e| {
+            tracing::warn!(error = %e, "logout: could not delete the session key");
+            ProxyError::SessionStoreUnavailable {
+                retry_after_s: self.config.auth.retry_after.as_secs().max(1),
+            }
+        })
     }
 }

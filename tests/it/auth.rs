@@ -372,6 +372,56 @@ async fn spoofed_subject_header_is_stripped_on_every_route() {
         .send("POST", "/anything", &[("x-auth-subject", "root")], "x")
         .await;
     assert!(!w.origin.last().headers.contains_key("x-auth-subject"));
+    // CGI-style upstreams (PHP, Rack) read X_Auth_Subject as the same variable.
+    w.proxy
+        .get_with(
+            "/account",
+            &[
+                (k, &v),
+                ("x_auth_subject", "root"),
+                ("X_Auth_Unverified", "no"),
+            ],
+        )
+        .await;
+    let seen = w.origin.last();
+    assert_eq!(seen.headers["x-auth-subject"], "alice");
+    assert!(!seen.headers.contains_key("x_auth_subject"));
+    assert!(!seen.headers.contains_key("x_auth_unverified"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_error_reply_is_a_fault_not_a_401() {
+    use tokio::io::AsyncWriteExt;
+    let w = world().await;
+    let t = w.login("alice").await;
+    assert_eq!(w.get_as("/profile/main", &t).await.status, 200);
+    // A long script makes Redis answer every other command with -BUSY.
+    assert_eq!(
+        w.redis.raw("CONFIG SET busy-reply-threshold 10").await,
+        "+OK"
+    );
+    let mut busy = tokio::net::TcpStream::connect(("127.0.0.1", w.redis.port))
+        .await
+        .unwrap();
+    busy.write_all(b"EVAL \"while true do end\" 0\r\n")
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), "Redis answers BUSY", || async {
+        w.redis.raw("GET x").await.starts_with("-BUSY")
+    })
+    .await;
+    for path in ["/profile/main", "/account"] {
+        let got = w.get_as(path, &t).await;
+        assert_eq!(got.status, 503, "{path}: {}", got.text());
+        assert_eq!(error_of(&got), "session_store_unavailable");
+    }
+    assert_eq!(w.redis.raw("SCRIPT KILL").await, "+OK");
+    eventually(
+        Duration::from_secs(10),
+        "the gate answers again",
+        || async { w.get_as("/account", &t).await.status == 200 },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -577,3 +577,52 @@ async fn explain_says_why() {
         401
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_is_served_from_a_stored_response() {
+    let s = scripted((200, &[("etag", "\"r1\"")], "0123456789")).await;
+    let proxy = Proxy::start(&config(&s.origin, MEMORY_STORE, &rule(""))).await;
+    let full = proxy.get_with("/r/1", &[("range", "bytes=2-4")]).await;
+    assert_eq!(
+        (full.status.as_u16(), full.text().as_str()),
+        (200, "0123456789"),
+        "a miss fetches the whole body"
+    );
+    assert!(!s.origin.last().headers.contains_key("range"));
+    proxy.stored(1).await;
+    let part = proxy.get_with("/r/1", &[("range", "bytes=2-4")]).await;
+    assert_eq!((part.status.as_u16(), part.text().as_str()), (206, "234"));
+    assert_eq!(part.header("content-range"), "bytes 2-4/10");
+    assert_eq!(part.x_cache(), "HIT");
+    let bad = proxy.get_with("/r/1", &[("range", "bytes=20-30")]).await;
+    assert_eq!(bad.status, 416);
+    assert_eq!(bad.header("content-range"), "bytes */10");
+    let changed = proxy
+        .get_with("/r/1", &[("range", "bytes=2-4"), ("if-range", "\"r0\"")])
+        .await;
+    assert_eq!(
+        (changed.status.as_u16(), changed.text().as_str()),
+        (200, "0123456789")
+    );
+    assert_eq!(s.origin.total(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_connection_fields_are_not_stored() {
+    let s = scripted((
+        200,
+        &[
+            ("proxy-authentication-info", "nextnonce=\"x\""),
+            ("x-kept", "1"),
+        ],
+        "b",
+    ))
+    .await;
+    let proxy = Proxy::start(&config(&s.origin, MEMORY_STORE, &rule(""))).await;
+    proxy.get("/r/1").await;
+    proxy.stored(1).await;
+    let hit = proxy.get("/r/1").await;
+    assert_eq!(hit.x_cache(), "HIT");
+    assert!(!hit.headers.contains_key("proxy-authentication-info"));
+    assert_eq!(hit.header("x-kept"), "1");
+}
