@@ -231,6 +231,11 @@ fn main() {
             "verify_hs256_and_render_key",
             "baseline_decode_claims_only",
         ),
+        (
+            "auth",
+            "claim_token_remembered",
+            "baseline_decode_claims_only",
+        ),
     ] {
         match (
             mean_ns(group, bench, started),

@@ -173,7 +173,8 @@ pub fn tag_id(tag: &str) -> Id {
 /// The global tag every entry carries: bumping it purges the whole cache. Its text, `*`, is
 /// refused as a configured tag.
 pub fn global_tag() -> Id {
-    tag_id("*")
+    static GLOBAL: std::sync::LazyLock<Id> = std::sync::LazyLock::new(|| tag_id("*"));
+    *GLOBAL
 }
 
 /// The implicit tag every entry of a canonical path carries (RFC 9111 §4.4).
