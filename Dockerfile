@@ -1,6 +1,9 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t cachegate .
-# Run:   docker run -p 8080:8080 -v $PWD/cachegate.toml:/etc/cachegate/cachegate.toml:ro cachegate
+# Run:   docker run -p 8080:8080 -p 127.0.0.1:9091:9091 --stop-timeout 40 \
+#          -e REDIS_PASSWORD -v $PWD/cachegate.toml:/etc/cachegate/cachegate.toml:ro cachegate
+# The mounted file must be readable by uid 10001 (chmod 644); inside the container,
+# 127.0.0.1 is the container itself, so name the upstream and Redis by hostname.
 
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
@@ -19,7 +22,7 @@ RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin cachega
 FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin cachegate
 COPY --from=build /src/target/release/cachegate /usr/local/bin/cachegate
-COPY config/cachegate.toml /etc/cachegate/cachegate.toml
+COPY config/docker.toml /etc/cachegate/cachegate.toml
 USER 10001:10001
 EXPOSE 8080 9091
 STOPSIGNAL SIGTERM

@@ -587,10 +587,10 @@ impl Engine {
             });
             return Ok(Fetched::NotModified { entry, ttl });
         }
-        if !rparts.headers.contains_key(header::DATE) {
-            if let Ok(date) = HeaderValue::from_str(&policy::format_http_date(now / 1000)) {
-                rparts.headers.insert(header::DATE, date);
-            }
+        if !rparts.headers.contains_key(header::DATE)
+            && let Ok(date) = HeaderValue::from_str(&policy::format_http_date(now / 1000))
+        {
+            rparts.headers.insert(header::DATE, date);
         }
         let decision = policy::decide(
             rparts.status,
