@@ -145,9 +145,34 @@ pub fn now_ms() -> u64 {
 
 /// Parse an HTTP-date header as unix seconds.
 pub fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<u64> {
-    let v = headers.get(name)?.to_str().ok()?;
-    let t = httpdate::parse_http_date(v).ok()?;
+    let v = headers.get(name)?.to_str().ok()?.trim();
+    // Names of days and months are case-insensitive (RFC 9110 §5.6.7): retry in the
+    // canonical case before calling a date invalid.
+    let t = httpdate::parse_http_date(v)
+        .or_else(|_| httpdate::parse_http_date(&canonical_date_case(v)))
+        .ok()?;
     t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// "thu, 01 JAN 2099 00:00:00 gmt" -> "Thu, 01 Jan 2099 00:00:00 GMT".
+fn canonical_date_case(v: &str) -> String {
+    v.split(' ')
+        .map(|word| {
+            if word.eq_ignore_ascii_case("gmt") {
+                "GMT".to_string()
+            } else if word.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) {
+                let lower = word.to_ascii_lowercase();
+                let mut chars = lower.chars();
+                chars
+                    .next()
+                    .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+                    .unwrap_or_default()
+            } else {
+                word.to_ascii_lowercase()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Format unix seconds as an HTTP-date.
@@ -466,6 +491,17 @@ mod tests {
             fresh_s(&[("cache-control", "max-age=10000"), ("age", "3600")], R),
             Ok(300)
         );
+    }
+
+    #[test]
+    fn dates_are_read_whatever_the_case_of_their_names() {
+        let hm = h(&[
+            ("expires", "thu, 01 JAN 2099 00:00:00 gmt"),
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
+        assert_eq!(http_date(&hm, header::EXPIRES), Some(4_070_908_800));
+        assert_eq!(http_date(&hm, header::DATE), Some(784_111_777));
+        assert_eq!(http_date(&h(&[("expires", "0")]), header::EXPIRES), None);
     }
 
     #[test]
