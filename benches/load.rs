@@ -237,13 +237,10 @@ async fn load(
 }
 
 fn token(sub: &str) -> String {
-    let claims = serde_json::json!({"sub": sub, "exp": 4_000_000_000u64});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    harness::hs256(
+        SECRET,
+        &serde_json::json!({"sub": sub, "exp": 4_000_000_000u64}),
     )
-    .expect("token")
 }
 
 async fn warm(addr: SocketAddr, path: &str, auth: Option<&str>) {

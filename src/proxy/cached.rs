@@ -20,7 +20,7 @@ use super::body::{self, ProxyBody, Tee, empty};
 use super::error::ProxyError;
 use super::respond;
 use super::upstream::DownBody;
-use super::{Cx, Engine, empty_up};
+use super::{Cx, Engine, empty_up, method_is_safe};
 use crate::auth::Claimed;
 use crate::cache::entry::{Entry, flags as entry_flags};
 use crate::cache::flight::{FlightState, Joined, Leader, entry_serves};
@@ -174,22 +174,15 @@ impl Engine {
         // Whose entry: the subject's own (scope user), the shared one, or none at all.
         // RFC 9111 §3.5: a request carrying Authorization is never answered from, nor
         // stored into, a shared entry unless the rule says the route is shared.
-        if rule.scope == Scope::Anonymous {
-            if let Some(c) = claimed {
-                let identity = self.check_session(c, cx).await?;
-                self.apply_identity(&mut parts.headers, &identity);
-                return self.bypass(parts, body, cx, "authorization").await;
-            }
-            if parts.headers.contains_key(header::AUTHORIZATION) {
-                return self.bypass(parts, body, cx, "authorization").await;
-            }
+        if rule.scope == Scope::Anonymous
+            && (claimed.is_some() || parts.headers.contains_key(header::AUTHORIZATION))
+        {
+            self.authenticate(claimed, &mut parts.headers, cx).await?;
+            return self.bypass(parts, body, cx, "authorization").await;
         }
         // Purges wait for the store: until they land, nothing is read from the cache.
         if self.purger.pending() {
-            if let Some(c) = claimed {
-                let identity = self.check_session(c, cx).await?;
-                self.apply_identity(&mut parts.headers, &identity);
-            }
+            self.authenticate(claimed, &mut parts.headers, cx).await?;
             return self.bypass(parts, body, cx, "purge-pending").await;
         }
         let mut query = String::new();
@@ -402,7 +395,7 @@ impl Engine {
             .await;
         match fetched {
             Err(e) => {
-                self.release(lease);
+                drop(lease);
                 match stale.filter(|s| now_ms() < s.sie_until_ms) {
                     Some(s) => {
                         Ok(self.serve_stale_on_error(s, &client_method, &client_headers, cx))
@@ -415,8 +408,7 @@ impl Engine {
                 body,
                 reason,
             }) => {
-                self.release(lease);
-                drop(leader);
+                drop((lease, leader));
                 if rparts.status.is_server_error()
                     && let Some(s) = stale.filter(|s| now_ms() < s.sie_until_ms)
                 {
@@ -437,7 +429,6 @@ impl Engine {
                 cx.trace.fwd = Some("stale");
                 cx.trace.stored = ttl.is_some();
                 cx.trace.ttl = Some(respond::ttl_left(&entry, now));
-                let entry = Arc::new(entry);
                 let resp = respond::from_entry(
                     entry.status,
                     entry.headers.clone(),
@@ -449,19 +440,8 @@ impl Engine {
                 // Only a storable refresh is shared with waiters: one the origin now marks
                 // private, no-store or Set-Cookie belongs to this client alone.
                 match ttl {
-                    Some(ttl) => {
-                        leader.complete(entry.clone());
-                        let engine = self.clone();
-                        tokio::spawn(async move {
-                            engine
-                                .store_and_retire(leader, entry, None, ttl, lease)
-                                .await
-                        });
-                    }
-                    None => {
-                        drop(leader);
-                        self.release(lease);
-                    }
+                    Some(ttl) => self.publish(leader, entry, None, ttl, lease),
+                    None => drop((leader, lease)),
                 }
                 Ok(resp)
             }
@@ -480,13 +460,7 @@ impl Engine {
                 let on_complete: body::OnComplete = Box::new(move |bytes: Bytes| {
                     let mut entry = template;
                     entry.body = bytes;
-                    let entry = Arc::new(entry);
-                    leader.complete(entry.clone());
-                    tokio::spawn(async move {
-                        engine
-                            .store_and_retire(leader, entry, marker, ttl, lease)
-                            .await
-                    });
+                    engine.publish(leader, entry, marker, ttl, lease);
                 });
                 let tee = Tee::new(body, self.config.cache.max_object_size, on_complete);
                 let limit = self.config.cache.max_object_size;
@@ -637,24 +611,32 @@ impl Engine {
     /// Write a finished fill (and its vary marker), then retire its flight. The flight
     /// lingers for one store timeout after the write: a request whose lookup ran just before
     /// the write landed is sent back to the store once instead of fetching again.
-    async fn store_and_retire(
-        self: Arc<Self>,
+    ///
+    /// Waiters get the entry at once; the write (and the flight's retirement) runs in the
+    /// background.
+    fn publish(
+        self: &Arc<Self>,
         leader: Leader,
-        entry: Arc<Entry>,
+        entry: Entry,
         marker: Option<Entry>,
         ttl: Duration,
         lease: Option<Lease>,
     ) {
-        let mut entries: Vec<&Entry> = vec![&entry];
-        entries.extend(marker.as_ref());
-        if self.cache.put(&entries, ttl).await.is_ok() {
-            leader.stored();
-            self.release(lease);
-            tokio::time::sleep(self.config.store.timeout).await;
-        } else {
-            self.release(lease);
-        }
-        drop(leader);
+        let entry = Arc::new(entry);
+        leader.complete(entry.clone());
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut entries: Vec<&Entry> = vec![&entry];
+            entries.extend(marker.as_ref());
+            let stored = engine.cache.put(&entries, ttl).await.is_ok();
+            // Dropping the lease gives it back, so other instances read the store now.
+            drop(lease);
+            if stored {
+                leader.stored();
+                tokio::time::sleep(engine.config.store.timeout).await;
+            }
+            drop(leader);
+        });
     }
 
     /// With `[cache] distributed_lock`: take the key's lease, or wait (polling the store)
@@ -710,11 +692,6 @@ impl Engine {
         }
     }
 
-    /// Give a lease back now (dropping it does that), without waiting for it.
-    fn release(&self, lease: Option<Lease>) {
-        drop(lease);
-    }
-
     /// Refresh a stale entry in the background (stale-while-revalidate), once per key in
     /// the process (and once across instances with the distributed lock).
     fn spawn_refresh(
@@ -765,18 +742,13 @@ impl Engine {
         let fetched = self
             .fetch(parts, &job, &recorded, rule, Some(&stale), &mut cx)
             .await;
-        let result = match fetched {
+        match fetched {
             Ok(Fetched::NotModified {
                 entry,
                 ttl: Some(ttl),
             }) => {
-                let entry = Arc::new(entry);
-                leader.complete(entry.clone());
-                tokio::spawn(
-                    self.clone()
-                        .store_and_retire(leader, entry, None, ttl, lease),
-                );
-                return "not_modified";
+                self.publish(leader, entry, None, ttl, lease);
+                "not_modified"
             }
             Ok(Fetched::Storable {
                 body,
@@ -788,22 +760,15 @@ impl Engine {
                 Ok(Some(bytes)) => {
                     let mut entry = template;
                     entry.body = bytes;
-                    let entry = Arc::new(entry);
-                    leader.complete(entry.clone());
-                    tokio::spawn(
-                        self.clone()
-                            .store_and_retire(leader, entry, marker, ttl, lease),
-                    );
-                    return "refreshed";
+                    self.publish(leader, entry, marker, ttl, lease);
+                    "refreshed"
                 }
                 Ok(None) => "uncacheable",
                 Err(_) => "error",
             },
             Ok(_) => "uncacheable",
             Err(_) => "error",
-        };
-        self.release(lease);
-        result
+        }
     }
 }
 
@@ -1206,11 +1171,4 @@ impl Engine {
         }
         out
     }
-}
-
-fn method_is_safe(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
 }

@@ -152,7 +152,7 @@ impl Engine {
         let is_read = parts.method == Method::GET || parts.method == Method::HEAD;
         // Tags a successful write makes stale: the path's own (RFC 9111 §4.4) and the
         // rule's `purge` list.
-        let is_safe = is_read || parts.method == Method::OPTIONS || parts.method == Method::TRACE;
+        let is_safe = method_is_safe(&parts.method);
         let mut write_tags = Vec::new();
         if !is_safe {
             write_tags.push(key::path_tag(&path));
@@ -168,11 +168,7 @@ impl Engine {
         if let Some(m) = route.filter(|m| is_read && m.rule.ttl.is_some()) {
             return self.cached(parts, body, m, &path, &host, claimed, cx).await;
         }
-        let identity = match claimed {
-            None => Identity::Anonymous,
-            Some(c) => self.check_session(c, cx).await?,
-        };
-        self.apply_identity(&mut parts.headers, &identity);
+        let identity = self.authenticate(claimed, &mut parts.headers, cx).await?;
         cx.trace.fwd = Some(if is_read { "bypass" } else { "method" });
         cx.trace.detail = Some(if cx.rule.is_some() {
             "not-cached"
@@ -274,6 +270,14 @@ fn same_origin_path(value: &HeaderValue, host: &HeaderValue) -> Option<String> {
         return None;
     }
     canonical_path(path).ok().map(|p| p.into_owned())
+}
+
+/// Safe methods (RFC 9110 §9.2.1): every other method is a write that invalidates.
+fn method_is_safe(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 fn empty_up() -> UpBody {

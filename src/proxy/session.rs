@@ -129,6 +129,21 @@ impl Engine {
         }
     }
 
+    /// The session check for a claimed identity (if any), applied to the upstream request.
+    pub(super) async fn authenticate(
+        &self,
+        claimed: Option<Claimed>,
+        headers: &mut HeaderMap,
+        cx: &Cx,
+    ) -> Result<Identity, ProxyError> {
+        let identity = match claimed {
+            None => Identity::Anonymous,
+            Some(c) => self.check_session(c, cx).await?,
+        };
+        self.apply_identity(headers, &identity);
+        Ok(identity)
+    }
+
     /// Tell the upstream who is asking.
     pub(super) fn apply_identity(&self, headers: &mut HeaderMap, identity: &Identity) {
         match identity {

@@ -28,12 +28,7 @@ fn token(sub: &str, ttl_s: i64) -> String {
         // Two logins in the same second still get different tokens.
         "jti": format!("{:x}", rand_u64()),
     });
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    hs256(SECRET, &claims)
 }
 
 fn rand_u64() -> u64 {
@@ -251,12 +246,10 @@ async fn malformed_expired_and_forged_tokens_are_refused() {
         (401, "invalid_signature".into())
     );
     // signed with another secret, claiming alice
-    let forged = encode(
-        &Header::new(Algorithm::HS256),
+    let forged = hs256(
+        "another-secret-0123456789",
         &json!({"sub": "alice", "exp": now() + 600}),
-        &EncodingKey::from_secret(b"another-secret-0123456789"),
-    )
-    .unwrap();
+    );
     let got = w.get_as("/account", &forged).await;
     assert_eq!(
         (got.status.as_u16(), error_of(&got)),
@@ -287,12 +280,10 @@ async fn forged_subject_without_signature_checking_is_refused_by_the_session_che
     let alice = w.login("alice").await;
     let bob = w.login("bob").await;
     // Bob re-signs a token that claims to be alice.
-    let forged = encode(
-        &Header::new(Algorithm::HS256),
+    let forged = hs256(
+        "bob-knows-no-secret-at-all",
         &json!({"sub": "alice", "exp": now() + 600}),
-        &EncodingKey::from_secret(b"bob-knows-no-secret-at-all"),
-    )
-    .unwrap();
+    );
     let got = w.get_as("/account", &forged).await;
     assert_eq!(
         (got.status.as_u16(), error_of(&got)),

@@ -627,6 +627,16 @@ impl Proxy {
     }
 }
 
+/// An HS256 JWT of these claims, signed with `secret`.
+pub fn hs256(secret: &str, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("an HS256 token encodes")
+}
+
 /// The value of a metric line (exact labels as rendered), 0 when absent.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
     text.lines()

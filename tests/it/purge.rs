@@ -109,13 +109,10 @@ async fn proxy_on(redis: &Redis, origin: &Origin) -> Proxy {
 }
 
 fn token(sub: &str) -> String {
-    let claims = serde_json::json!({"sub": sub, "exp": 4_000_000_000u64});
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    hs256(
+        SECRET,
+        &serde_json::json!({"sub": sub, "exp": 4_000_000_000u64}),
     )
-    .unwrap()
 }
 
 async fn session(redis: &Redis, sub: &str) -> String {
