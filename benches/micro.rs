@@ -28,6 +28,7 @@ fn rule_table(n: usize) -> RuleTable {
                 ttl: Some(Duration::from_secs(60)),
                 query: QueryPolicy::Sorted,
                 vary: vec![],
+                fill_headers: vec![],
                 tags,
                 purge: vec![],
                 stale_while_revalidate: Duration::ZERO,

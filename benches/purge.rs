@@ -67,7 +67,7 @@ async fn main() {
     let store: Arc<dyn Store> =
         Arc::new(RedisStore::connect_lazy(&redis.url(), None, timeout).expect("store"));
     let guarded = Arc::new(Guarded::new(store.clone(), timeout, metrics));
-    let cache = Cache::new(guarded, "cachegate:", Duration::from_secs(86_400));
+    let cache = Cache::new(guarded, "cachegate:", Duration::from_secs(86_400), 1 << 20);
     let users = tag_id("users");
     println!("purge latency vs entries under one tag family (same Redis, same run)");
     println!(

@@ -6,7 +6,9 @@
 //! in constant time, and is refused outright when no admin token is configured. It must never
 //! be reachable through the proxy listener, and it never returns a session token.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -34,11 +36,63 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     resp
 }
 
+/// Failed admin token attempts allowed per client address in a burst, and how fast the
+/// allowance comes back.
+const FAILURE_BURST: f64 = 10.0;
+const FAILURE_REFILL_PER_S: f64 = 0.2;
+
+/// Rate limit of failed admin authentications, per client address: a token guesser gets
+/// 429 after a burst, before its guess is even compared.
+pub struct Limiter {
+    buckets: moka::sync::Cache<IpAddr, (f64, Instant)>,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter {
+            buckets: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(600))
+                .build(),
+        }
+    }
+}
+
+impl Limiter {
+    /// The allowance left to `ip` now.
+    fn left(&self, ip: IpAddr) -> f64 {
+        match self.buckets.get(&ip) {
+            None => FAILURE_BURST,
+            Some((tokens, at)) => {
+                (tokens + at.elapsed().as_secs_f64() * FAILURE_REFILL_PER_S).min(FAILURE_BURST)
+            }
+        }
+    }
+
+    fn limited(&self, ip: IpAddr) -> bool {
+        self.left(ip) < 1.0
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let left = (self.left(ip) - 1.0).max(0.0);
+        self.buckets.insert(ip, (left, Instant::now()));
+    }
+}
+
 /// Serve one admin request.
-pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(
+    engine: Arc<Engine>,
+    limiter: &Limiter,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
+            if let Some((bytes, entries)) = engine.cache.store().store().stats() {
+                engine.metrics.store_bytes.set(bytes as i64);
+                engine.metrics.store_entries.set(entries as i64);
+            }
             let mut resp = text(StatusCode::OK, engine.metrics.render());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -58,7 +112,22 @@ pub async fn handle(engine: Arc<Engine>, req: Request<Incoming>) -> Response<Pro
         }
         _ => {}
     }
+    if limiter.limited(peer.ip()) {
+        engine.metrics.admin_auth_failures.inc();
+        let mut resp = json_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_failures",
+            "too many failed admin token attempts from this address; retry later",
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return resp;
+    }
     if let Some(refused) = refuse_unauthorized(&engine, &req) {
+        if refused.status() == StatusCode::UNAUTHORIZED {
+            engine.metrics.admin_auth_failures.inc();
+            limiter.failed(peer.ip());
+        }
         return refused;
     }
     if let Some(sub) = path.strip_prefix("/sessions/") {
@@ -90,9 +159,11 @@ fn refuse_unauthorized(engine: &Engine, req: &Request<Incoming>) -> Option<Respo
             "the admin API is disabled: set [admin] token_env",
         ));
     };
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
+    // Exactly one Authorization field: with two, which one counts depends on who reads.
+    let mut fields = req.headers().get_all(header::AUTHORIZATION).iter();
+    let presented = fields
+        .next()
+        .filter(|_| fields.next().is_none())
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))

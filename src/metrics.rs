@@ -34,6 +34,15 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Time requests waited on another request's fill (in-process or across instances).
     pub lock_wait: Histogram,
+    /// Requests waiting on another request's fill right now.
+    pub fill_waiters: IntGauge,
+    /// Admin requests refused for a missing or wrong token (or rate-limited after those).
+    pub admin_auth_failures: IntCounter,
+    /// 1 when the JWT secret is shorter than 16 bytes (`allow_weak_jwt_secret`).
+    pub auth_weak_secret: IntGauge,
+    /// Bytes and items the embedded store holds (weighed with their overhead).
+    pub store_bytes: IntGauge,
+    pub store_entries: IntGauge,
     refreshes: Vec<IntCounter>,
 }
 
@@ -158,6 +167,46 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let admin_auth_failures = register(
+            &registry,
+            IntCounter::new(
+                "cachegate_admin_auth_failures_total",
+                "Admin API requests refused for a missing or wrong token, or rate-limited after repeated failures.",
+            )
+            .expect("valid metric"),
+        );
+        let auth_weak_secret = register(
+            &registry,
+            IntGauge::new(
+                "cachegate_auth_weak_secret",
+                "1 when the JWT HMAC secret is shorter than 16 bytes (auth.allow_weak_jwt_secret).",
+            )
+            .expect("valid metric"),
+        );
+        let store_bytes = register(
+            &registry,
+            IntGauge::new(
+                "cachegate_store_bytes",
+                "Bytes held by the embedded store, each item weighed with its bookkeeping overhead.",
+            )
+            .expect("valid metric"),
+        );
+        let store_entries = register(
+            &registry,
+            IntGauge::new(
+                "cachegate_store_entries",
+                "Items held by the embedded store (entries, generations, sessions).",
+            )
+            .expect("valid metric"),
+        );
+        let fill_waiters = register(
+            &registry,
+            IntGauge::new(
+                "cachegate_fill_waiters",
+                "Requests waiting right now for another request's fill of the same key.",
+            )
+            .expect("valid metric"),
+        );
         let lock_wait = register(
             &registry,
             Histogram::with_opts(
@@ -222,6 +271,11 @@ impl Metrics {
             store_up,
             connections,
             lock_wait,
+            fill_waiters,
+            admin_auth_failures,
+            auth_weak_secret,
+            store_bytes,
+            store_entries,
             refreshes,
         }
     }

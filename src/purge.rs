@@ -56,6 +56,9 @@ pub struct Purger {
     pending: AtomicBool,
     capacity: usize,
     wake: Notify,
+    /// Advanced by every purge this process makes: fills that could not read the store
+    /// are only shared within one epoch.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The result of a purge request.
@@ -79,7 +82,13 @@ impl Purger {
             pending: AtomicBool::new(false),
             capacity: capacity.max(1),
             wake: Notify::new(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The purge epoch: how many purges this process has started.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
     /// True while bumps wait for the store: cache reads must be bypassed.
@@ -101,6 +110,7 @@ impl Purger {
             return Purged::Done;
         }
         self.metrics.rule(rule).purge(trigger);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         match self.cache.bump(tags).await {
             Ok(()) => Purged::Done,
             Err(e) => {
@@ -211,7 +221,7 @@ mod tests {
             Duration::from_millis(100),
             metrics.clone(),
         ));
-        let cache = Arc::new(Cache::new(store, "t:", Duration::from_secs(60)));
+        let cache = Arc::new(Cache::new(store, "t:", Duration::from_secs(60), 1 << 20));
         Purger::new(cache, metrics, capacity)
     }
 

@@ -201,6 +201,8 @@ pub struct RuleSpec {
     pub ttl: Option<Duration>,
     pub query: QueryPolicy,
     pub vary: Vec<HeaderName>,
+    /// Request headers a fill forwards besides `vary` (validated against it at load).
+    pub fill_headers: Vec<HeaderName>,
     pub tags: Vec<TagTemplate>,
     /// Tags bumped when an unsafe method on this path succeeds.
     pub purge: Vec<TagTemplate>,
@@ -224,6 +226,8 @@ pub struct Rule {
     pub ttl: Option<Duration>,
     pub query: QueryPolicy,
     pub vary: Vec<HeaderName>,
+    /// Request headers a fill forwards besides `vary` (validated against it at load).
+    pub fill_headers: Vec<HeaderName>,
     pub tags: Vec<TagTemplate>,
     /// Tags bumped when an unsafe method on this path succeeds.
     pub purge: Vec<TagTemplate>,
@@ -362,6 +366,7 @@ impl RuleTable {
                 ttl: spec.ttl,
                 query: spec.query,
                 vary: spec.vary,
+                fill_headers: spec.fill_headers,
                 tags: spec.tags,
                 purge: spec.purge,
                 stale_while_revalidate: spec.stale_while_revalidate,
@@ -494,6 +499,7 @@ mod tests {
             ttl: Some(Duration::from_secs(60)),
             query: QueryPolicy::Sorted,
             vary: vec![],
+            fill_headers: vec![],
             tags,
             purge: vec![],
             stale_while_revalidate: Duration::ZERO,

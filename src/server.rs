@@ -4,16 +4,17 @@
 //! `Running::shutdown` stops accepting, lets in-flight requests finish for up to
 //! `[server] shutdown_grace`, then closes what is left.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::cache::Cache;
@@ -23,6 +24,7 @@ use crate::cache::store::{Guarded, Store};
 use crate::config::{Config, StoreBackend};
 use crate::metrics::Metrics;
 use crate::proxy::Engine;
+use crate::proxy::body::ProxyBody;
 use crate::proxy::upstream::Upstream;
 use crate::purge::Purger;
 
@@ -70,6 +72,7 @@ impl Engine {
             guarded,
             &config.store.prefix,
             generation_ttl(&config),
+            config.cache.max_object_size,
         ));
         let upstream = Upstream::new(&config.upstream);
         let purger = Arc::new(Purger::new(cache.clone(), metrics.clone(), PURGE_QUEUE));
@@ -109,6 +112,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let listen = config.server.listen;
     let admin_listen = config.server.admin_listen;
     let engine = Engine::new(config)?;
+    if engine.config.auth.weak_secret {
+        engine.metrics.auth_weak_secret.set(1);
+        tracing::warn!(
+            "auth.allow_weak_jwt_secret: the JWT secret is shorter than 16 bytes; tokens signed with it are easier to forge"
+        );
+    }
     let proxy_listener = TcpListener::bind(listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -161,18 +170,276 @@ impl Running {
     }
 }
 
-fn builder(engine: &Engine) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(engine.config.server.header_read_timeout)
-        .max_headers(engine.config.server.max_header_count);
-    b.http2()
-        .timer(TokioTimer::new())
+/// The protocol builders of the client listener.
+struct Builders {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+fn builders(engine: &Engine) -> Builders {
+    let server = &engine.config.server;
+    // Each connection's own watchdog enforces header_read_timeout from accept (both
+    // protocols) and idle_timeout between requests; hyper's HTTP/1 head timer would also
+    // cut idle keep-alive connections at header_read_timeout.
+    let mut h1 = hyper::server::conn::http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_header_size(server.max_header_bytes);
+    if server.max_header_count != DEFAULT_MAX_HEADERS {
+        // A non-default count moves hyper's header parsing to the heap.
+        h1.max_headers(server.max_header_count);
+    }
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
         .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024)
+        .max_header_list_size(server.max_header_bytes.min(u32::MAX as usize) as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    b
+    Builders { h1, h2 }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Read the first bytes of a connection until they tell HTTP/2 (the whole preface) from
+/// HTTP/1 (anything else). `None`: the client closed first.
+async fn sniff(stream: &mut TcpStream) -> std::io::Result<Option<(bool, bytes::Bytes)>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(1024);
+    loop {
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(None);
+        }
+        let n = buf.len().min(H2_PREFACE.len());
+        if buf[..n] != H2_PREFACE[..n] {
+            return Ok(Some((false, buf.freeze())));
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(Some((true, buf.freeze())));
+        }
+    }
+}
+
+/// A client stream that first replays bytes already read from it, and tells its
+/// connection's watchdog when the client stops taking what is written to it.
+struct Rewind {
+    pre: bytes::Bytes,
+    inner: TcpStream,
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+}
+
+impl Rewind {
+    fn wrote<T>(
+        &self,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        let blocked = &self.conn.write_blocked_since_ms;
+        match &r {
+            std::task::Poll::Pending => {
+                if blocked.load(Ordering::Relaxed) == 0 {
+                    blocked.store(self.conns.now_ms() + 1, Ordering::Relaxed);
+                }
+            }
+            std::task::Poll::Ready(_) => {
+                if blocked.load(Ordering::Relaxed) != 0 {
+                    blocked.store(0, Ordering::Relaxed);
+                }
+            }
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            let chunk = self.pre.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// hyper's default HTTP/1 header count.
+const DEFAULT_MAX_HEADERS: usize = 100;
+
+/// How long a connection told to close may take to finish what it is writing.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// One client connection, as the accept loop and its watchdog see it.
+struct Conn {
+    /// Requests whose response is not finished yet.
+    in_flight: AtomicU32,
+    /// Milliseconds (on the table's clock) since which nothing has been in flight.
+    idle_since_ms: AtomicU64,
+    /// A request head has arrived on this connection.
+    served: AtomicBool,
+    /// Told to close (evicted to make room).
+    close: Notify,
+    /// Nothing is in flight any more: the watchdog's idle clock starts.
+    idle: Notify,
+    /// Milliseconds (on the table's clock, plus one) since which the client has not taken
+    /// what is written to it; 0 while writes go through.
+    write_blocked_since_ms: AtomicU64,
+}
+
+/// The open client connections, for the connection limit.
+struct Conns {
+    clock: Instant,
+    next_id: AtomicU64,
+    open: std::sync::Mutex<HashMap<u64, Arc<Conn>>>,
+}
+
+impl Conns {
+    fn new() -> Conns {
+        Conns {
+            clock: Instant::now(),
+            next_id: AtomicU64::new(0),
+            open: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self) -> (u64, Arc<Conn>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            in_flight: AtomicU32::new(0),
+            idle_since_ms: AtomicU64::new(self.now_ms()),
+            served: AtomicBool::new(false),
+            close: Notify::new(),
+            idle: Notify::new(),
+            write_blocked_since_ms: AtomicU64::new(0),
+        });
+        self.lock().insert(id, conn.clone());
+        (id, conn)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Tell the connection idle for the longest time (nothing in flight: a silent socket,
+    /// a keep-alive connection between requests) to close. False when every one is busy.
+    fn evict_oldest_idle(&self) -> bool {
+        let open = self.lock();
+        let oldest = open
+            .values()
+            .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+            .min_by_key(|c| c.idle_since_ms.load(Ordering::Relaxed));
+        match oldest {
+            Some(c) => {
+                c.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Held while a request is in flight on a connection (moved into the response body, so it
+/// ends when hyper is done with the response, or when the request is abandoned).
+struct InFlight {
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+}
+
+impl InFlight {
+    fn enter(conn: &Arc<Conn>, conns: &Arc<Conns>) -> InFlight {
+        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+        conn.served.store(true, Ordering::Relaxed);
+        InFlight {
+            conn: conn.clone(),
+            conns: conns.clone(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.conn
+                .idle_since_ms
+                .store(self.conns.now_ms(), Ordering::Relaxed);
+            self.conn.idle.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper drops it.
+pub struct Tracked {
+    inner: ProxyBody,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = crate::proxy::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn serve_proxy(
@@ -180,14 +447,11 @@ async fn serve_proxy(
     listener: TcpListener,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let builder = builder(&engine);
-    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(builders(&engine));
+    let conns = Arc::new(Conns::new());
     let limit = Arc::new(Semaphore::new(engine.config.server.max_connections));
+    let drained = Arc::new(Notify::new());
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stopped.changed() => break,
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -200,22 +464,35 @@ async fn serve_proxy(
             },
             _ = stopped.changed() => break,
         };
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: a new client gets in by closing the connection idle the longest
+                // (silent sockets first of all); if every one is busy it waits its turn.
+                conns.evict_oldest_idle();
+                tokio::select! {
+                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                    _ = stopped.changed() => break,
+                }
+            }
+        };
         let _ = stream.set_nodelay(true);
-        let engine_c = engine.clone();
-        let service = service_fn(move |req| {
-            let engine = engine_c.clone();
-            async move { Ok::<_, std::convert::Infallible>(engine.handle(req, peer).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let watched = graceful.watch(conn);
+        let (id, conn) = conns.add();
         let metrics = engine.metrics.clone();
         metrics.connections.inc();
+        let (engine, builders, conns, stopped, drained) = (
+            engine.clone(),
+            builders.clone(),
+            conns.clone(),
+            stopped.clone(),
+            drained.clone(),
+        );
         tokio::spawn(async move {
-            let _ = watched.await;
+            serve_connection(engine, &builders, stream, peer, &conn, &conns, stopped).await;
+            conns.remove(id);
             metrics.connections.dec();
             drop(permit);
+            drained.notify_waiters();
         });
     }
     drop(listener);
@@ -224,12 +501,147 @@ async fn serve_proxy(
         grace_s = grace.as_secs_f64(),
         "shutting down: draining in-flight requests"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let all_closed = async {
+        loop {
+            let wait = drained.notified();
+            if conns.lock().is_empty() {
+                return;
+            }
+            wait.await;
+        }
+    };
+    if tokio::time::timeout(grace, all_closed).await.is_err() {
         tracing::warn!("shutdown grace period over; closing remaining connections");
+        for c in conns.lock().values() {
+            c.close.notify_one();
+        }
     }
+}
+
+/// Serve one client connection: tell the protocol, then serve it under its time limits.
+async fn serve_connection(
+    engine: Arc<Engine>,
+    builders: &Builders,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    conn: &Arc<Conn>,
+    conns: &Arc<Conns>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let server = engine.config.server.clone();
+    // The protocol is told within the same header_read_timeout as the first request head:
+    // a silent socket, or one that sends half of the HTTP/2 preface, is closed on time.
+    let sniffed = tokio::select! {
+        r = tokio::time::timeout(server.header_read_timeout, sniff(&mut stream)) => r,
+        _ = conn.close.notified() => return,
+        _ = stopped.changed() => return,
+    };
+    let Ok(Ok(Some((h2, pre)))) = sniffed else {
+        return;
+    };
+    let io = TokioIo::new(Rewind {
+        pre,
+        inner: stream,
+        conn: conn.clone(),
+        conns: conns.clone(),
+    });
+    let (conn_c, conns_c) = (conn.clone(), conns.clone());
+    let service = service_fn(move |req| {
+        let guard = InFlight::enter(&conn_c, &conns_c);
+        let engine = engine.clone();
+        async move {
+            let resp = engine.handle(req, peer).await;
+            Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked {
+                inner,
+                _guard: guard,
+            }))
+        }
+    });
+    if h2 {
+        let served = builders.h2.serve_connection(io, service);
+        watch_connection(
+            served,
+            |c| c.graceful_shutdown(),
+            conn,
+            conns,
+            &server,
+            stopped,
+        )
+        .await;
+    } else {
+        let served = builders.h1.serve_connection(io, service);
+        watch_connection(
+            served,
+            |c| c.graceful_shutdown(),
+            conn,
+            conns,
+            &server,
+            stopped,
+        )
+        .await;
+    }
+}
+
+/// Serve one connection to its end, closing it when it breaks a time limit: no complete
+/// first request head within `header_read_timeout` of accept, nothing in flight for
+/// `idle_timeout` after that, a client that takes none of its response for `idle_timeout`,
+/// an eviction, or the server stopping (after in-flight requests finish).
+async fn watch_connection<C: std::future::Future>(
+    served: C,
+    graceful: impl Fn(std::pin::Pin<&mut C>),
+    conn: &Conn,
+    conns: &Conns,
+    server: &crate::config::ServerConfig,
+    mut stopped: watch::Receiver<bool>,
+) {
+    tokio::pin!(served);
+    // Nothing has been in flight since accept.
+    let accepted = conn.idle_since_ms.load(Ordering::Relaxed);
+    let mut stopping = false;
+    loop {
+        // When the connection may close: `idle_timeout` after the last request finished,
+        // or `header_read_timeout` after accept while none has come; rechecked later while
+        // a request is in flight.
+        let now = conns.now_ms();
+        let deadline_ms = if conn.in_flight.load(Ordering::Acquire) > 0 {
+            // Busy, but a client that stopped reading its response for idle_timeout is
+            // holding the connection hostage.
+            match conn.write_blocked_since_ms.load(Ordering::Relaxed) {
+                0 => None,
+                since => Some(since - 1 + server.idle_timeout.as_millis() as u64),
+            }
+        } else {
+            let limit = if conn.served.load(Ordering::Relaxed) {
+                server.idle_timeout
+            } else {
+                server.header_read_timeout
+            };
+            let since = conn.idle_since_ms.load(Ordering::Relaxed).max(accepted);
+            Some(since + limit.as_millis() as u64)
+        };
+        if deadline_ms.is_some_and(|d| now >= d) {
+            break;
+        }
+        // Rechecked at least twice per idle_timeout: a request may have started meanwhile.
+        let recheck = server.idle_timeout / 2;
+        let wait = match deadline_ms {
+            Some(d) => Duration::from_millis(d - now).min(recheck),
+            None => recheck,
+        };
+        tokio::select! {
+            _ = served.as_mut() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = conn.idle.notified() => {}
+            _ = conn.close.notified() => break,
+            _ = stopped.changed(), if !stopping => {
+                // Stop taking requests; in-flight ones finish (the server bounds the wait).
+                stopping = true;
+                graceful(served.as_mut());
+            }
+        }
+    }
+    graceful(served.as_mut());
+    let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
 }
 
 async fn serve_admin(
@@ -242,8 +654,9 @@ async fn serve_admin(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
+    let limiter = Arc::new(crate::admin::Limiter::default());
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(_) => {
@@ -254,9 +667,15 @@ async fn serve_admin(
             _ = stopped.changed() => break,
         };
         let engine = engine.clone();
+        let limiter = limiter.clone();
         let service = service_fn(move |req| {
             let engine = engine.clone();
-            async move { Ok::<_, std::convert::Infallible>(crate::admin::handle(engine, req).await) }
+            let limiter = limiter.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    crate::admin::handle(engine, &limiter, req, peer).await,
+                )
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)

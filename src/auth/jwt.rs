@@ -42,6 +42,8 @@ impl std::fmt::Debug for Verifier {
 pub enum KeySource<'a> {
     None,
     Secret(&'a [u8]),
+    /// A secret shorter than 16 bytes the operator accepted (`allow_weak_jwt_secret`).
+    WeakSecret(&'a [u8]),
     PublicPem(&'a [u8]),
 }
 
@@ -74,13 +76,14 @@ impl Verifier {
         if hmac != 0 && hmac != algs.len() {
             return Err("mixes HMAC (HS*) and public-key algorithms; pin one family to rule out algorithm confusion".into());
         }
+        let weak_ok = matches!(key, KeySource::WeakSecret(_));
         let key = match key {
             KeySource::None => None,
-            KeySource::Secret(secret) => {
+            KeySource::Secret(secret) | KeySource::WeakSecret(secret) => {
                 if hmac == 0 {
                     return Err("jwt_secret_env is set but the algorithms are public-key ones; use jwt_public_key_file".into());
                 }
-                if secret.len() < 16 {
+                if secret.is_empty() || (secret.len() < 16 && !weak_ok) {
                     return Err("the JWT secret is shorter than 16 bytes".into());
                 }
                 Some(DecodingKey::from_secret(secret))

@@ -82,6 +82,20 @@ pub enum Policy {
 }
 
 impl Policy {
+    /// The stricter of two policies (`required` > `optional` > `none`).
+    pub fn stricter(self, other: Policy) -> Policy {
+        let rank = |p: Policy| match p {
+            Policy::None => 0,
+            Policy::Optional => 1,
+            Policy::Required => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Policy::None => "none",

@@ -34,6 +34,11 @@ pub enum FlightState {
 
 struct Flight {
     state: watch::Sender<FlightState>,
+    /// Led without the store (it could not be read): joinable only by requests that could
+    /// not read it either, and only while no purge happened in this process since.
+    degraded: Option<u64>,
+    /// The process's purge epoch when the fill started.
+    epoch_at_start: u64,
     /// Generations the leader read before its fill (`None`: the key was absent).
     seen: Vec<Option<u64>>,
     /// Generations the leader recorded after initializing absent ones.
@@ -97,10 +102,11 @@ fn lock(map: &Map) -> std::sync::MutexGuard<'_, HashMap<Id, Arc<Flight>>> {
 
 impl Flights {
     /// Lead a new fill for `id`, or wait on the compatible one under way. `relookup`: the
-    /// caller may be sent back to the store once if a fill was just written.
-    pub fn join(&self, id: Id, gens: &[Option<u64>], relookup: bool) -> Joined {
+    /// caller may be sent back to the store once if a fill was just written. `epoch`: the
+    /// process's purge epoch now (see `join_degraded`).
+    pub fn join(&self, id: Id, gens: &[Option<u64>], relookup: bool, epoch: u64) -> Joined {
         let mut map = lock(&self.map);
-        if let Some(f) = map.get(&id) {
+        if let Some(f) = map.get(&id).filter(|f| f.degraded.is_none()) {
             match &*f.state.borrow() {
                 FlightState::Stored(_) if relookup => return Joined::Relookup,
                 FlightState::Pending | FlightState::Done(_) if f.serves(gens) => {
@@ -109,9 +115,23 @@ impl Flights {
                 _ => {}
             }
         }
+        self.lead(&mut map, id, None, epoch, gens.to_vec())
+    }
+
+    /// Start a flight for `id` (replacing any incompatible one) and lead it.
+    fn lead(
+        &self,
+        map: &mut HashMap<Id, Arc<Flight>>,
+        id: Id,
+        degraded: Option<u64>,
+        epoch: u64,
+        seen: Vec<Option<u64>>,
+    ) -> Joined {
         let flight = Arc::new(Flight {
             state: watch::Sender::new(FlightState::Pending),
-            seen: gens.to_vec(),
+            degraded,
+            epoch_at_start: epoch,
+            seen,
             recorded: OnceLock::new(),
         });
         map.insert(id, flight.clone());
@@ -120,6 +140,30 @@ impl Flights {
             id,
             flight,
         })
+    }
+
+    /// Join or lead a fill for `id` without the store: the request could not read it, so
+    /// it knows no generations. It waits on any fill under way for the key that started
+    /// after the last purge in this process (`epoch`, which every purge advances), so
+    /// concurrent misses still make one upstream request while the store is away.
+    pub fn join_degraded(&self, id: Id, epoch: u64) -> Joined {
+        let mut map = lock(&self.map);
+        if let Some(f) = map.get(&id) {
+            let same_epoch = match f.degraded {
+                Some(e) => e == epoch,
+                // A fill that read the store: its generations were current at its lookup.
+                None => f.epoch_at_start == epoch,
+            };
+            if same_epoch
+                && matches!(
+                    *f.state.borrow(),
+                    FlightState::Pending | FlightState::Done(_)
+                )
+            {
+                return Joined::Waiter(f.state.subscribe());
+            }
+        }
+        self.lead(&mut map, id, Some(epoch), epoch, Vec::new())
     }
 
     /// Number of fills under way (for tests and metrics).
@@ -184,19 +228,19 @@ mod tests {
     fn second_request_waits_and_a_purge_starts_a_new_flight() {
         let flights = Flights::default();
         let id = Id([1; 16]);
-        let Joined::Leader(leader) = flights.join(id, &[Some(5)], true) else {
+        let Joined::Leader(leader) = flights.join(id, &[Some(5)], true, 0) else {
             panic!("first is leader")
         };
         assert!(matches!(
-            flights.join(id, &[Some(5)], true),
+            flights.join(id, &[Some(5)], true, 0),
             Joined::Waiter(_)
         ));
         assert!(
-            matches!(flights.join(id, &[None], true), Joined::Waiter(_)),
+            matches!(flights.join(id, &[None], true, 0), Joined::Waiter(_)),
             "an older view (before the generation existed) waits too"
         );
         // Someone saw generation 6: a purge landed after the leader read 5.
-        let Joined::Leader(newer) = flights.join(id, &[Some(6)], true) else {
+        let Joined::Leader(newer) = flights.join(id, &[Some(6)], true, 0) else {
             panic!("a newer generation must not join an older fill")
         };
         drop(leader);
@@ -213,12 +257,12 @@ mod tests {
     fn a_generation_being_initialized_is_checked_when_the_entry_is_done() {
         let flights = Flights::default();
         let id = Id([5; 16]);
-        let Joined::Leader(leader) = flights.join(id, &[None], true) else {
+        let Joined::Leader(leader) = flights.join(id, &[None], true, 0) else {
             panic!()
         };
         // The leader is initializing the generation; whatever a joiner saw, it may wait...
         assert!(matches!(
-            flights.join(id, &[Some(9)], true),
+            flights.join(id, &[Some(9)], true, 0),
             Joined::Waiter(_)
         ));
         leader.set_recorded(vec![7]);
@@ -234,10 +278,10 @@ mod tests {
     fn dropping_the_leader_fails_waiters() {
         let flights = Flights::default();
         let id = Id([2; 16]);
-        let Joined::Leader(leader) = flights.join(id, &[], true) else {
+        let Joined::Leader(leader) = flights.join(id, &[], true, 0) else {
             panic!()
         };
-        let Joined::Waiter(rx) = flights.join(id, &[], true) else {
+        let Joined::Waiter(rx) = flights.join(id, &[], true, 0) else {
             panic!()
         };
         drop(leader);
@@ -248,30 +292,56 @@ mod tests {
     fn a_stored_flight_sends_joiners_back_to_the_store_once() {
         let flights = Flights::default();
         let id = Id([6; 16]);
-        let Joined::Leader(leader) = flights.join(id, &[], true) else {
+        let Joined::Leader(leader) = flights.join(id, &[], true, 0) else {
             panic!()
         };
         leader.complete(Arc::new(crate::cache::entry::tests::sample()));
         assert!(
-            matches!(flights.join(id, &[], true), Joined::Waiter(_)),
+            matches!(flights.join(id, &[], true, 0), Joined::Waiter(_)),
             "written yet? serve the fill"
         );
         leader.stored();
-        assert!(matches!(flights.join(id, &[], true), Joined::Relookup));
+        assert!(matches!(flights.join(id, &[], true, 0), Joined::Relookup));
         assert!(
-            matches!(flights.join(id, &[], false), Joined::Leader(_)),
+            matches!(flights.join(id, &[], false, 0), Joined::Leader(_)),
             "only once"
+        );
+    }
+
+    #[test]
+    fn without_the_store_fills_are_shared_until_a_purge() {
+        let flights = Flights::default();
+        let id = Id([9; 16]);
+        let Joined::Leader(leader) = flights.join_degraded(id, 3) else {
+            panic!("first is leader")
+        };
+        assert!(matches!(flights.join_degraded(id, 3), Joined::Waiter(_)));
+        assert!(
+            matches!(flights.join(id, &[Some(1)], true, 3), Joined::Leader(_)),
+            "a request that read the store never waits on a fill that did not"
+        );
+        drop(leader);
+        let Joined::Leader(_normal) = flights.join(id, &[Some(1)], true, 3) else {
+            panic!()
+        };
+        assert!(
+            matches!(flights.join_degraded(id, 3), Joined::Waiter(_)),
+            "a fill that read the store serves requests that could not"
+        );
+        assert!(
+            matches!(flights.join_degraded(id, 4), Joined::Leader(_)),
+            "after a purge, a new fetch"
         );
     }
 
     #[test]
     fn keys_never_share_a_flight() {
         let flights = Flights::default();
-        let Joined::Leader(_a) = flights.join(Id([3; 16]), &[], true) else {
+        let Joined::Leader(_a) = flights.join(Id([3; 16]), &[], true, 0) else {
             panic!()
         };
         assert!(matches!(
-            flights.join(Id([4; 16]), &[], true),
+            flights.join(Id([4; 16]), &[], true, 0),
             Joined::Leader(_)
         ));
     }

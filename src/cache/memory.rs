@@ -1,9 +1,11 @@
 //! The embedded store: everything in-process, for one instance (quick start, tests, small sites).
 //!
-//! Entries live in a moka cache bounded by `max_bytes` (weighed by key + value size) with a
-//! per-key expiry; small bookkeeping keys (generations, sessions, locks) live in a second
-//! cache bounded by count, so a burst of large entries cannot evict a session or a
-//! generation. It must not be used by several instances: nothing is shared between processes.
+//! Entries live in a moka cache with a per-key expiry; small bookkeeping keys live in two
+//! more (generations; sessions and locks), so a burst of large entries cannot evict a
+//! session or a generation. The three share `max_bytes` (entries get most of it), and every
+//! item is weighed with its bookkeeping overhead, so the process holds about `max_bytes`
+//! for them, not a multiple. It must not be used by several instances: nothing is shared
+//! between processes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache;
 
-use super::store::{BoxFut, Store, StoreError};
+use super::store::{BoxFut, Read, SMALL_LIMIT, Store, StoreError};
 
 #[derive(Clone)]
 struct Value {
@@ -53,24 +55,33 @@ pub struct MemoryStore {
     lock: std::sync::Mutex<()>,
 }
 
+/// Memory an item costs beyond its key and value bytes: moka's node, timer and sketch
+/// entries and the key's and value's allocation headers.
+const ITEM_OVERHEAD: usize = 320;
+
+/// What an item weighs against `max_bytes`: its bytes, plus a quarter for what the
+/// allocator loses to size classes and fragmentation under churn (measured at about that
+/// with glibc and jemalloc alike for entries of 1 to 32 KiB), plus the fixed overhead.
+fn weigh(k: &Arc<[u8]>, v: &Value) -> u32 {
+    let bytes = k.len() + v.bytes.len();
+    (bytes + bytes / 4 + ITEM_OVERHEAD).min(u32::MAX as usize) as u32
+}
+
 impl MemoryStore {
     pub fn new(max_bytes: u64, prefix: &str) -> MemoryStore {
-        let entries = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|k: &Arc<[u8]>, v: &Value| {
-                (k.len() + v.bytes.len() + 64).min(u32::MAX as usize) as u32
-            })
-            .expire_after(ByDeadline)
-            .build();
-        let generations = Cache::builder()
-            .max_capacity((max_bytes / 8).max(16 << 20))
-            .weigher(|k: &Arc<[u8]>, v: &Value| (k.len() + v.bytes.len() + 64) as u32)
-            .expire_after(ByDeadline)
-            .build();
-        let small = Cache::builder()
-            .max_capacity(1_000_000)
-            .expire_after(ByDeadline)
-            .build();
+        // Generations and sessions get a sixteenth each (at least 1 MiB), entries the rest.
+        let small_budget = (max_bytes / 16).max(1 << 20);
+        let entry_budget = max_bytes.saturating_sub(2 * small_budget).max(1 << 20);
+        let cache = |budget: u64| {
+            Cache::builder()
+                .max_capacity(budget)
+                .weigher(weigh)
+                .expire_after(ByDeadline)
+                .build()
+        };
+        let entries = cache(entry_budget);
+        let generations = cache(small_budget);
+        let small = cache(small_budget);
         let kind = |k: &[u8]| {
             let mut p = prefix.as_bytes().to_vec();
             p.extend_from_slice(k);
@@ -130,11 +141,50 @@ fn ready<T: Send + 'static>(v: T) -> BoxFut<'static, T> {
 }
 
 impl Store for MemoryStore {
-    fn get_many<'a>(
+    fn read<'a>(
         &'a self,
-        keys: Vec<Vec<u8>>,
-    ) -> BoxFut<'a, Result<Vec<Option<Bytes>>, StoreError>> {
-        ready(Ok(keys.iter().map(|k| self.get(k)).collect()))
+        entry: Option<(Vec<u8>, usize)>,
+        small: Vec<Vec<u8>>,
+    ) -> BoxFut<'a, Result<Read, StoreError>> {
+        let bounded = |v: Option<Bytes>, limit: usize| {
+            v.filter(|b| !b.is_empty()).map(|b| {
+                if b.len() > limit {
+                    b.slice(..limit + 1)
+                } else {
+                    b
+                }
+            })
+        };
+        ready(Ok(Read {
+            entry: entry.and_then(|(k, limit)| bounded(self.get(&k), limit)),
+            small: small
+                .iter()
+                .map(|k| bounded(self.get(k), SMALL_LIMIT))
+                .collect(),
+        }))
+    }
+
+    fn bump<'a>(
+        &'a self,
+        items: Vec<(Vec<u8>, Bytes)>,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<(), StoreError>> {
+        self.set_many(items, Some(ttl))
+    }
+
+    fn is_local(&self) -> bool {
+        true
+    }
+
+    fn stats(&self) -> Option<(u64, u64)> {
+        let caches = [&self.entries, &self.generations, &self.small];
+        for c in caches {
+            c.run_pending_tasks();
+        }
+        Some((
+            caches.iter().map(|c| c.weighted_size()).sum(),
+            caches.iter().map(|c| c.entry_count()).sum(),
+        ))
     }
 
     fn put<'a>(
@@ -254,7 +304,10 @@ mod tests {
     async fn primitives_behave_like_redis() {
         let s = MemoryStore::new(1 << 20, "p:");
         let k = b"p:g:1".to_vec();
-        assert_eq!(s.get_many(vec![k.clone()]).await.unwrap(), vec![None]);
+        assert_eq!(
+            s.read(None, vec![k.clone()]).await.unwrap().small,
+            vec![None]
+        );
         let got = s
             .init_many(
                 vec![(k.clone(), Bytes::from_static(b"7"))],
@@ -311,6 +364,6 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(s.get_many(vec![k]).await.unwrap(), vec![None]);
+        assert_eq!(s.read(Some((k, 100)), vec![]).await.unwrap().entry, None);
     }
 }

@@ -119,8 +119,14 @@ pub struct Cache {
     store: Arc<Guarded>,
     prefix: String,
     gen_ttl: Duration,
+    /// The most bytes an encoded entry may have: what is read of an entry key, and the
+    /// largest entry written.
+    entry_limit: usize,
     pub flights: flight::Flights,
 }
+
+/// Room for an entry's envelope (timeline, generations, headers) beyond its body.
+pub const ENVELOPE_ALLOWANCE: usize = 128 << 10;
 
 fn parse_gen(v: &Option<Bytes>) -> Option<u64> {
     let b = v.as_ref()?;
@@ -132,18 +138,51 @@ fn parse_gen(v: &Option<Bytes>) -> Option<u64> {
 }
 
 impl Cache {
-    /// `gen_ttl` must be at least the longest time any entry is kept.
-    pub fn new(store: Arc<Guarded>, prefix: &str, gen_ttl: Duration) -> Cache {
+    /// `gen_ttl` must be at least the longest time any entry is kept; `max_object_size`
+    /// bounds entry bodies (`[cache] max_object_size`).
+    pub fn new(
+        store: Arc<Guarded>,
+        prefix: &str,
+        gen_ttl: Duration,
+        max_object_size: usize,
+    ) -> Cache {
         Cache {
             store,
             prefix: prefix.to_string(),
             gen_ttl,
+            entry_limit: max_object_size + ENVELOPE_ALLOWANCE,
             flights: flight::Flights::default(),
+        }
+    }
+
+    /// Decode what was read under an entry key: too large, foreign or malformed bytes are
+    /// a corrupt entry (a miss, overwritten by the next fill).
+    fn found(&self, raw: Option<Bytes>, id: &Id, tags: &[Id], gens: &[Option<u64>]) -> Found {
+        match raw {
+            None => Found::Absent,
+            Some(bytes) if bytes.len() > self.entry_limit => Found::Corrupt,
+            Some(bytes) => match Entry::decode(bytes, id) {
+                Err(_) => Found::Corrupt,
+                Ok(entry) if generations_match(&entry, tags, gens) => Found::Entry(entry),
+                Ok(_) => Found::Dead,
+            },
         }
     }
 
     pub fn store(&self) -> &Arc<Guarded> {
         &self.store
+    }
+
+    /// How long a finished fill stays joinable after its write: as long as a lookup that
+    /// started before the write may still be on its way back (a store round trip, bounded
+    /// by the command timeout), and no longer, since it holds the whole entry. An
+    /// in-process store answers lookups at once.
+    pub fn write_linger(&self) -> Duration {
+        if self.store.store().is_local() {
+            Duration::from_millis(1)
+        } else {
+            self.store.timeout()
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -166,30 +205,26 @@ impl Cache {
         session_key: Option<Vec<u8>>,
     ) -> Result<Lookup, StoreError> {
         let with_session = session_key.is_some();
-        let mut keys = Vec::with_capacity(2 + tags.len());
-        keys.extend(session_key);
-        keys.push(self.entry_key(id));
-        keys.extend(tags.iter().map(|t| self.gen_key(t)));
-        let mut values = self
+        let mut small = Vec::with_capacity(1 + tags.len());
+        small.extend(session_key);
+        small.extend(tags.iter().map(|t| self.gen_key(t)));
+        let read = self
             .store
-            .call(Op::Lookup, self.store.store().get_many(keys))
+            .call(
+                Op::Lookup,
+                self.store
+                    .store()
+                    .read(Some((self.entry_key(id), self.entry_limit)), small),
+            )
             .await?;
-        let session = if with_session && !values.is_empty() {
-            values.remove(0)
+        let mut values = read.small.into_iter();
+        let session = if with_session {
+            values.next().flatten()
         } else {
             None
         };
-        let mut values = values.into_iter();
-        let raw_entry = values.next().flatten();
         let gens: Vec<Option<u64>> = values.map(|v| parse_gen(&v)).collect();
-        let found = match raw_entry {
-            None => Found::Absent,
-            Some(bytes) => match Entry::decode(bytes, id) {
-                Err(_) => Found::Corrupt,
-                Ok(entry) if generations_match(&entry, tags, &gens) => Found::Entry(entry),
-                Ok(_) => Found::Dead,
-            },
-        };
+        let found = self.found(read.entry, id, tags, &gens);
         Ok(Lookup {
             found,
             gens,
@@ -259,10 +294,14 @@ impl Cache {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        let items = entries
+        let items: Vec<(Vec<u8>, Bytes)> = entries
             .iter()
             .map(|e| (self.entry_key(&e.key), e.encode()))
             .collect();
+        if items.iter().any(|(_, v)| v.len() > self.entry_limit) {
+            // Headers past the envelope allowance: it could never be read back whole.
+            return Ok(());
+        }
         let touch = first.gens.iter().map(|(t, _)| self.gen_key(t)).collect();
         self.store
             .call(
@@ -280,21 +319,25 @@ impl Cache {
         tags: &[Id],
         gens: &[Option<u64>],
     ) -> Result<Found, StoreError> {
-        let mut values = self
+        let read = self
             .store
             .call(
                 Op::Lookup,
-                self.store.store().get_many(vec![self.entry_key(id)]),
+                self.store
+                    .store()
+                    .read(Some((self.entry_key(id), self.entry_limit)), Vec::new()),
             )
             .await?;
-        Ok(match values.pop().flatten() {
-            None => Found::Absent,
-            Some(bytes) => match Entry::decode(bytes, id) {
-                Err(_) => Found::Corrupt,
-                Ok(entry) if generations_match(&entry, tags, gens) => Found::Entry(entry),
-                Ok(_) => Found::Dead,
-            },
-        })
+        Ok(self.found(read.entry, id, tags, gens))
+    }
+
+    /// Read a session value (bounded).
+    pub async fn session(&self, key: Vec<u8>) -> Result<Option<Bytes>, StoreError> {
+        let read = self
+            .store
+            .call(Op::Session, self.store.store().read(None, vec![key]))
+            .await?;
+        Ok(read.small.into_iter().next().flatten())
     }
 
     /// Purge: give each tag a new generation (one round trip).
@@ -307,10 +350,7 @@ impl Cache {
             .map(|t| (self.gen_key(t), Bytes::from(random_u64().to_string())))
             .collect();
         self.store
-            .call(
-                Op::Bump,
-                self.store.store().set_many(items, Some(self.gen_ttl)),
-            )
+            .call(Op::Bump, self.store.store().bump(items, self.gen_ttl))
             .await
     }
 }
@@ -341,7 +381,7 @@ mod tests {
             Duration::from_millis(100),
             metrics,
         ));
-        Cache::new(store, "t:", Duration::from_secs(3600))
+        Cache::new(store, "t:", Duration::from_secs(3600), 1 << 20)
     }
 
     fn entry(id: Id, gens: Vec<(Id, u64)>) -> Entry {

@@ -1,12 +1,16 @@
 //! The Redis store: the only module that imports the `redis` crate.
 //!
-//! One shared multiplexed connection (redis-rs `ConnectionManager`) carries every request's
-//! commands, so concurrent requests are pipelined on the wire; there is no pool checkout per
-//! request. Each trait method is one pipeline, i.e. one round trip. Timeouts and the circuit
-//! breaker are applied by the caller (`store::Guarded`); reconnection is the manager's job.
-//! Lookups read all their keys with one MGET (much cheaper for Redis than a GET per key);
-//! every other command touches one key, and scripts never more than one, so a cluster
-//! version only has to group the MGET's keys by slot.
+//! Two shared multiplexed connections (redis-rs `ConnectionManager`) carry every request's
+//! commands, so concurrent requests are pipelined on the wire with no pool checkout: one for
+//! the small keys (sessions, tag generations, leases), one for entries, so a large entry on
+//! its way cannot hold up a session check. Each trait method is one pipeline per connection,
+//! i.e. one round trip. Timeouts and the circuit breaker are applied by the caller
+//! (`store::Guarded`); reconnection is the manager's job.
+//!
+//! Nothing is read unbounded: values are read with GETRANGE up to a limit (an entry's
+//! `max_object_size` plus its envelope; `SMALL_LIMIT` for small keys), so a huge foreign
+//! value under a key costs one bounded reply, never its whole size. Every command touches
+//! one key, and scripts never more than one.
 
 use std::time::Duration;
 
@@ -14,11 +18,14 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Pipeline, Value};
 
-use super::store::{BoxFut, Store, StoreError};
+use super::store::{BoxFut, Read, SMALL_LIMIT, Store, StoreError};
 
 /// A Redis-backed store.
 pub struct RedisStore {
-    conn: ConnectionManager,
+    /// Sessions, generations, leases.
+    small: ConnectionManager,
+    /// Entries.
+    entries: ConnectionManager,
 }
 
 impl RedisStore {
@@ -45,23 +52,49 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
-        Ok(RedisStore { conn })
+        let small = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(backend)?;
+        let entries = ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
+        Ok(RedisStore { small, entries })
     }
 
     async fn run(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-        let mut conn = self.conn.clone();
-        pipe.query_async::<Vec<Value>>(&mut conn)
-            .await
-            .map_err(backend)
+        run_on(&self.small, pipe).await
     }
 }
 
+async fn run_on(conn: &ConnectionManager, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
+    let mut conn = conn.clone();
+    pipe.query_async::<Vec<Value>>(&mut conn)
+        .await
+        .map_err(backend)
+}
+
 fn backend(e: redis::RedisError) -> StoreError {
+    use redis::ErrorKind;
     if e.is_timeout() {
         StoreError::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+        StoreError::Backend(e.to_string())
+    } else if matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
+        // Redis answered, with a refusal (OOM under maxmemory, READONLY, LOADING...): the
+        // store is reachable, so this must not trip the breaker or readiness.
+        StoreError::Refused(e.to_string())
     } else {
         StoreError::Backend(e.to_string())
+    }
+}
+
+/// A bounded read: GETRANGE returns at most `limit + 1` bytes, so a longer value is seen
+/// as too long without being transferred. An absent key reads as empty, i.e. absent.
+fn bounded_get(pipe: &mut Pipeline, key: &[u8], limit: usize) {
+    pipe.cmd("GETRANGE").arg(key).arg(0).arg(limit);
+}
+
+fn bounded_of(v: Value) -> Result<Option<Bytes>, StoreError> {
+    match bytes_of(v)? {
+        Some(b) if b.is_empty() => Ok(None),
+        other => Ok(other),
     }
 }
 
@@ -89,24 +122,58 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Store for RedisStore {
-    fn get_many<'a>(
+    fn read<'a>(
         &'a self,
-        keys: Vec<Vec<u8>>,
-    ) -> BoxFut<'a, Result<Vec<Option<Bytes>>, StoreError>> {
-        // One MGET, not a GET per key: for Redis, one command of five keys costs far less
-        // than five commands. A value of another type reads as nil. (On a cluster the keys
-        // would have to be grouped by slot.)
-        let mut pipe = redis::pipe();
-        pipe.cmd("MGET").arg(&keys);
-        Box::pin(async move {
-            match self.run(pipe).await?.pop() {
-                Some(Value::Array(values)) if values.len() == keys.len() => {
-                    values.into_iter().map(bytes_of).collect()
-                }
-                other => Err(StoreError::Backend(format!(
-                    "unexpected MGET reply {other:?}"
-                ))),
+        entry: Option<(Vec<u8>, usize)>,
+        small: Vec<Vec<u8>>,
+    ) -> BoxFut<'a, Result<Read, StoreError>> {
+        // The entry on its own connection, the small keys on theirs, both at once: one
+        // round trip of latency.
+        let entry_pipe = entry.map(|(key, limit)| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            bounded_get(&mut pipe, &key, limit);
+            pipe
+        });
+        let small_pipe = (!small.is_empty()).then(|| {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for key in &small {
+                bounded_get(&mut pipe, key, SMALL_LIMIT);
             }
+            pipe
+        });
+        let count = small.len();
+        Box::pin(async move {
+            let entry_fut = async {
+                match entry_pipe {
+                    None => Ok(None),
+                    Some(p) => match run_on(&self.entries, p).await?.pop() {
+                        Some(v) => bounded_of(v),
+                        None => Err(StoreError::Backend("empty GETRANGE reply".into())),
+                    },
+                }
+            };
+            let small_fut = async {
+                match small_pipe {
+                    None => Ok(Vec::new()),
+                    Some(p) => {
+                        let values = run_on(&self.small, p).await?;
+                        if values.len() != count {
+                            return Err(StoreError::Backend(format!(
+                                "expected {count} replies, got {}",
+                                values.len()
+                            )));
+                        }
+                        values.into_iter().map(bounded_of).collect()
+                    }
+                }
+            };
+            let (entry, small) = tokio::join!(entry_fut, small_fut);
+            Ok(Read {
+                entry: entry?,
+                small: small?,
+            })
         })
     }
 
@@ -126,10 +193,16 @@ impl Store for RedisStore {
                 .arg(ms(ttl))
                 .ignore();
         }
+        let mut touch_pipe = redis::pipe();
         for k in &touch {
-            pipe.cmd("PEXPIRE").arg(k).arg(ms(touch_ttl)).ignore();
+            touch_pipe.cmd("PEXPIRE").arg(k).arg(ms(touch_ttl)).ignore();
         }
-        Box::pin(async move { self.run(pipe).await.map(|_| ()) })
+        Box::pin(async move {
+            let (stored, touched) =
+                tokio::join!(run_on(&self.entries, pipe), run_on(&self.small, touch_pipe));
+            stored?;
+            touched.map(|_| ())
+        })
     }
 
     fn init_many<'a>(
@@ -147,9 +220,9 @@ impl Store for RedisStore {
                 .arg("PX")
                 .arg(ms(ttl))
                 .ignore();
-            pipe.cmd("GET").arg(k);
+            bounded_get(&mut pipe, k, SMALL_LIMIT);
         }
-        Box::pin(async move { self.run(pipe).await?.into_iter().map(bytes_of).collect() })
+        Box::pin(async move { self.run(pipe).await?.into_iter().map(bounded_of).collect() })
     }
 
     fn set_many<'a>(
@@ -166,6 +239,41 @@ impl Store for RedisStore {
             cmd.ignore();
         }
         Box::pin(async move { self.run(pipe).await.map(|_| ()) })
+    }
+
+    fn bump<'a>(
+        &'a self,
+        items: Vec<(Vec<u8>, Bytes)>,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<(), StoreError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for (k, v) in &items {
+            pipe.cmd("SET")
+                .arg(k)
+                .arg(v.as_ref())
+                .arg("PX")
+                .arg(ms(ttl));
+        }
+        let mut del = redis::pipe();
+        for (k, _) in &items {
+            del.cmd("DEL").arg(k).ignore();
+        }
+        Box::pin(async move {
+            let mut refused = None;
+            for v in self.run(pipe).await? {
+                if let Value::ServerError(e) = v {
+                    refused = Some(format!("{} {}", e.code(), e.details().unwrap_or_default()));
+                }
+            }
+            match refused {
+                None => Ok(()),
+                // Redis refuses writes (maxmemory with noeviction, say) but still deletes:
+                // an absent generation matches no entry, so a DEL purges as surely.
+                Some(why) if why.starts_with("OOM") => self.run(del).await.map(|_| ()),
+                Some(why) => Err(StoreError::Refused(why)),
+            }
+        })
     }
 
     fn set_nx<'a>(

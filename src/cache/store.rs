@@ -28,15 +28,35 @@ pub enum StoreError {
     Unavailable,
     #[error("store error: {0}")]
     Backend(String),
+    /// The store answered with a refusal (out of memory, read-only...): it is reachable,
+    /// so this is not a reason to stop asking it.
+    #[error("store refused: {0}")]
+    Refused(String),
+}
+
+/// The largest value read under a small key (a session token, a generation); a longer one
+/// reads as `SMALL_LIMIT + 1` bytes, which is never a valid token or generation.
+pub const SMALL_LIMIT: usize = 16 << 10;
+
+/// What one `read` found.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// The entry's bytes; more than its limit means it is too large to be an entry.
+    pub entry: Option<Bytes>,
+    /// The small keys' values, in order.
+    pub small: Vec<Option<Bytes>>,
 }
 
 /// Batched key/value primitives. Each method is one round trip to the backend.
 pub trait Store: Send + Sync + 'static {
-    /// GET each key; a value of a foreign type reads as `None`.
-    fn get_many<'a>(
+    /// Read an entry (at most `limit + 1` of its bytes) and small keys (at most
+    /// `SMALL_LIMIT + 1` bytes each) in one round trip; a value of a foreign type, or an
+    /// empty one, reads as `None`.
+    fn read<'a>(
         &'a self,
-        keys: Vec<Vec<u8>>,
-    ) -> BoxFut<'a, Result<Vec<Option<Bytes>>, StoreError>>;
+        entry: Option<(Vec<u8>, usize)>,
+        small: Vec<Vec<u8>>,
+    ) -> BoxFut<'a, Result<Read, StoreError>>;
     /// SET each key to its value PX ttl, and PEXPIRE each `touch` key to `touch_ttl`.
     fn put<'a>(
         &'a self,
@@ -56,6 +76,13 @@ pub trait Store: Send + Sync + 'static {
         &'a self,
         items: Vec<(Vec<u8>, Bytes)>,
         ttl: Option<Duration>,
+    ) -> BoxFut<'a, Result<(), StoreError>>;
+    /// Give generation keys new values (SET PX); a store that refuses writes for lack of
+    /// memory deletes them instead, which purges as surely.
+    fn bump<'a>(
+        &'a self,
+        items: Vec<(Vec<u8>, Bytes)>,
+        ttl: Duration,
     ) -> BoxFut<'a, Result<(), StoreError>>;
     /// SET NX PX: true when this call created the key.
     fn set_nx<'a>(
@@ -79,6 +106,14 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> BoxFut<'_, Result<(), StoreError>>;
     /// "memory" or "redis", for logs and readiness.
     fn kind(&self) -> &'static str;
+    /// True for a store in this process (its calls complete without waiting on anything).
+    fn is_local(&self) -> bool {
+        false
+    }
+    /// Bytes and entries held, for a store that holds them in this process.
+    fn stats(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 /// Consecutive failures that open the breaker.
@@ -210,6 +245,11 @@ impl Guarded {
         self.inner.kind()
     }
 
+    /// The per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// True while calls are being refused without trying.
     pub fn breaker_open(&self) -> bool {
         self.breaker.is_open()
@@ -255,6 +295,11 @@ impl Guarded {
                         "store recovered; cache back in use"
                     );
                 }
+            }
+            Err(e @ StoreError::Refused(_)) => {
+                // Reachable, but saying no: not a health problem, and not for the breaker.
+                self.metrics.store_error(op, "refused");
+                self.warn_rate_limited(op, e, false);
             }
             Err(e) => {
                 self.metrics.store_error(

@@ -34,6 +34,7 @@ pub struct AuthFile {
     pub jwt_secret_env: Option<Text>,
     pub jwt_public_key_file: Option<Text>,
     pub algorithms: Option<Spanned<Vec<Text>>>,
+    pub allow_weak_jwt_secret: Option<bool>,
     pub leeway: Option<Text>,
     pub audience: Option<Text>,
     pub issuer: Option<Text>,
@@ -76,6 +77,9 @@ pub struct ServerFile {
     pub header_read_timeout: Option<Text>,
     pub max_connections: Option<Spanned<i64>>,
     pub max_header_count: Option<Spanned<i64>>,
+    pub max_header_bytes: Option<Text>,
+    pub idle_timeout: Option<Text>,
+    pub body_read_timeout: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,6 +111,7 @@ pub struct CacheFile {
     pub distributed_lock: Option<bool>,
     pub honor_client_no_cache: Option<bool>,
     pub statuses: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub credential_headers: Option<Vec<Text>>,
 }
 
 /// `query = "sorted" | "ignore" | ["page", "size"]`.
@@ -126,6 +131,8 @@ pub struct RuleFile {
     pub ttl: Option<Text>,
     pub query: Option<Spanned<QueryFile>>,
     pub vary: Option<Vec<Text>>,
+    pub fill_headers: Option<Vec<Text>>,
+    pub fill_headers_unkeyed_ok: Option<bool>,
     pub tags: Option<Vec<Text>>,
     pub purge: Option<Vec<Text>>,
     pub stale_while_revalidate: Option<Text>,

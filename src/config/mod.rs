@@ -62,7 +62,13 @@ pub struct AuthConfig {
     pub subject_header: http::HeaderName,
     pub login: Option<LoginConfig>,
     pub logout: Option<LogoutConfig>,
+    /// The HS secret is shorter than 16 bytes and the operator accepted it
+    /// (`allow_weak_jwt_secret`).
+    pub weak_secret: bool,
 }
+
+/// Shortest HS secret accepted without `allow_weak_jwt_secret`.
+pub const MIN_JWT_SECRET: usize = 16;
 
 /// `[auth.login]`: capture the token of a successful login into the session key.
 #[derive(Debug, Clone)]
@@ -104,11 +110,19 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub shutdown_grace: Duration,
-    /// Time a client has to send a complete request head, counted from the end of the
-    /// previous response on keep-alive connections (slowloris and idle guard).
+    /// Time a new connection has to deliver a complete first request head (either
+    /// protocol), counted from accept (slowloris and silent-socket guard).
     pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive
+    /// and HTTP/2 alike).
+    pub idle_timeout: Duration,
+    /// Longest silence while a client uploads a request body (failure: 408).
+    pub body_read_timeout: Duration,
     pub max_connections: usize,
+    /// Header fields per request, both protocols (more: 431).
     pub max_header_count: usize,
+    /// Bytes of a request's header section, both protocols (more: 431).
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -153,6 +167,9 @@ pub struct CacheConfig {
     pub distributed_lock: bool,
     /// Let clients' `Cache-Control: no-cache` / `max-age=0` force a revalidation.
     pub honor_client_no_cache: bool,
+    /// Request headers besides Authorization that carry credentials: a request with one of
+    /// them never touches an entry shared between users unless the rule is `public`.
+    pub credential_headers: Vec<http::HeaderName>,
 }
 
 /// The set of response statuses that may be stored.
@@ -324,8 +341,36 @@ fn compile(cx: &Cx<'_>, f: FileConfig) -> Result<Config, ConfigError> {
             10_000,
             1_000_000,
         )?,
+        idle_timeout: cx.duration(
+            &s.idle_timeout,
+            "server.idle_timeout",
+            Duration::from_secs(60),
+        )?,
+        body_read_timeout: cx.duration(
+            &s.body_read_timeout,
+            "server.body_read_timeout",
+            Duration::from_secs(30),
+        )?,
         max_header_count: cx.count(&s.max_header_count, "server.max_header_count", 100, 1_000)?,
+        max_header_bytes: cx.size(&s.max_header_bytes, "server.max_header_bytes", 64 << 10)?
+            as usize,
     };
+    for (value, key) in [
+        (&s.idle_timeout, "server.idle_timeout"),
+        (&s.body_read_timeout, "server.body_read_timeout"),
+    ] {
+        if let Some(t) = value
+            && units::parse_duration(t.get_ref()).is_ok_and(|d| d.is_zero())
+        {
+            return Err(cx.err(t.span(), format!("{key}: must be above 0s")));
+        }
+    }
+    if !(8 << 10..=1 << 20).contains(&server.max_header_bytes) {
+        return Err(cx.err(
+            span_of(&s.max_header_bytes),
+            "server.max_header_bytes: must be between 8KiB and 1MiB",
+        ));
+    }
     if server.header_read_timeout.is_zero() {
         let span = s
             .header_read_timeout
@@ -571,13 +616,46 @@ fn compile_cache(cx: &Cx<'_>, f: &file::CacheFile) -> Result<CacheConfig, Config
         "cache.lock_timeout",
         Duration::from_secs(5),
     )?;
+    let credential_headers = match &f.credential_headers {
+        None => DEFAULT_CREDENTIAL_HEADERS
+            .iter()
+            .map(|n| http::HeaderName::from_static(n))
+            .collect(),
+        Some(list) => header_names(cx, list, "cache.credential_headers")?,
+    };
     Ok(CacheConfig {
         max_object_size: max_object_size as usize,
         statuses,
         lock_timeout,
         distributed_lock: f.distributed_lock.unwrap_or(false),
         honor_client_no_cache: f.honor_client_no_cache.unwrap_or(false),
+        credential_headers,
     })
+}
+
+/// Request headers that carry credentials besides Authorization, by default.
+pub const DEFAULT_CREDENTIAL_HEADERS: [&str; 2] = ["cookie", "x-api-key"];
+
+/// A list of header names, lower-cased, sorted, without duplicates.
+fn header_names(
+    cx: &Cx<'_>,
+    list: &[Text],
+    key: &str,
+) -> Result<Vec<http::HeaderName>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for v in list {
+        let name = http::HeaderName::from_bytes(v.get_ref().to_ascii_lowercase().as_bytes())
+            .map_err(|_| {
+                cx.err(
+                    v.span(),
+                    format!("{key}: {:?} is not a header name", v.get_ref()),
+                )
+            })?;
+        out.push(name);
+    }
+    out.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    out.dedup();
+    Ok(out)
 }
 
 fn span_of(t: &Option<Text>) -> Range<usize> {
@@ -679,6 +757,23 @@ fn compile_auth(
         })?),
         None => None,
     };
+    let allow_weak = f.allow_weak_jwt_secret.unwrap_or(false);
+    let mut weak_secret = false;
+    if let (Some(s), Some(name)) = (&secret, &f.jwt_secret_env)
+        && s.len() < MIN_JWT_SECRET
+    {
+        if !allow_weak {
+            return Err(cx.err(
+                name.span(),
+                format!(
+                    "auth.jwt_secret_env: the secret in {} is {} bytes; an HS secret needs at least {MIN_JWT_SECRET} (to front an API that already signs with this secret, set auth.allow_weak_jwt_secret = true)",
+                    name.get_ref(),
+                    s.len()
+                ),
+            ));
+        }
+        weak_secret = true;
+    }
     let key = match (&secret, &pem) {
         (Some(_), Some(_)) => {
             return Err(cx.err(
@@ -686,6 +781,7 @@ fn compile_auth(
                 "auth: set jwt_secret_env (HS*) or jwt_public_key_file (RS*/ES*), not both",
             ));
         }
+        (Some(s), None) if weak_secret => KeySource::WeakSecret(s.as_bytes()),
         (Some(s), None) => KeySource::Secret(s.as_bytes()),
         (None, Some(p)) => KeySource::PublicPem(p),
         (None, None) => KeySource::None,
@@ -776,6 +872,7 @@ fn compile_auth(
         subject_header,
         login,
         logout,
+        weak_secret,
     })
 }
 
@@ -898,6 +995,34 @@ fn compile_rules(
         }
         vary.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         vary.dedup();
+        let unkeyed_ok = r.fill_headers_unkeyed_ok.unwrap_or(false);
+        let mut fill_headers = Vec::new();
+        for v in r.fill_headers.iter().flatten() {
+            let name = header_names(
+                cx,
+                std::slice::from_ref(v),
+                &format!("rule {rule_name:?}: fill_headers"),
+            )?
+            .remove(0);
+            if let Some(why) = crate::proxy::headers::never_filled(&name) {
+                return Err(cx.err(
+                    v.span(),
+                    format!("rule {rule_name:?}: fill_headers {:?}: {why}", v.get_ref()),
+                ));
+            }
+            if !vary.contains(&name) && !unkeyed_ok {
+                return Err(cx.err(
+                    v.span(),
+                    format!(
+                        "rule {rule_name:?}: fill_headers {:?} is not in vary, so one client's value would shape the entry every client gets; add it to vary, or set fill_headers_unkeyed_ok = true to accept that risk",
+                        v.get_ref()
+                    ),
+                ));
+            }
+            fill_headers.push(name);
+        }
+        fill_headers.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        fill_headers.dedup();
         let route = crate::rules::Template::parse(template.get_ref()).map_err(|m| {
             cx.err(
                 template.span(),
@@ -979,6 +1104,7 @@ fn compile_rules(
             ttl,
             query,
             vary,
+            fill_headers,
             tags,
             purge,
             stale_while_revalidate,

@@ -285,3 +285,94 @@ fn purge_tags_are_checked_like_tags() {
     ));
     assert!(c.rules.describe().contains("purge=user:{id},users"));
 }
+
+#[test]
+fn an_unkeyed_fill_header_is_a_config_error() {
+    let text = format!(
+        "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/a\"\nttl = \"1m\"\nfill_headers = [\"X-Tenant\"]\n"
+    );
+    assert_eq!(
+        err(&text),
+        "cachegate.toml:7:17: rule \"a\": fill_headers \"X-Tenant\" is not in vary, so one client's value would shape the entry every client gets; add it to vary, or set fill_headers_unkeyed_ok = true to accept that risk"
+    );
+    let keyed = ok(&text.replace("fill_headers", "vary = [\"x-tenant\"]\nfill_headers"));
+    assert_eq!(keyed.rules.rules()[0].fill_headers[0].as_str(), "x-tenant");
+    let accepted = ok(&format!("{text}fill_headers_unkeyed_ok = true\n"));
+    assert_eq!(accepted.rules.rules()[0].fill_headers.len(), 1);
+    assert!(
+        err(&text.replace("X-Tenant", "Forwarded"))
+            .contains("cachegate sets this header on every fill itself")
+    );
+}
+
+#[test]
+fn a_short_jwt_secret_needs_the_opt_in() {
+    let env = |name: &str| (name == "JWT_SECRET").then(|| "thirteen-byte".to_string());
+    let text =
+        format!("{UPSTREAM}[auth]\nalgorithms = [\"HS256\"]\njwt_secret_env = \"JWT_SECRET\"\n");
+    let e = Config::parse_with_env("cachegate.toml", &text, &env)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "cachegate.toml:5:18: auth.jwt_secret_env: the secret in JWT_SECRET is 13 bytes; an HS secret needs at least 16 (to front an API that already signs with this secret, set auth.allow_weak_jwt_secret = true)"
+    );
+    let c = Config::parse_with_env(
+        "cachegate.toml",
+        &format!("{text}allow_weak_jwt_secret = true\n"),
+        &env,
+    )
+    .unwrap();
+    assert!(c.auth.weak_secret);
+}
+
+#[test]
+fn connection_limits_have_defaults_and_bounds() {
+    let c = ok(UPSTREAM);
+    assert_eq!(c.server.idle_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.body_read_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.max_header_bytes, 64 << 10);
+    assert_eq!(
+        c.cache
+            .credential_headers
+            .iter()
+            .map(|h| h.as_str())
+            .collect::<Vec<_>>(),
+        ["cookie", "x-api-key"]
+    );
+    assert!(
+        err(&format!("{UPSTREAM}[server]\nidle_timeout = \"0s\"\n"))
+            .contains("server.idle_timeout: must be above 0s")
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[server]\nmax_header_bytes = \"1KiB\"\n"
+        ))
+        .contains("between 8KiB and 1MiB")
+    );
+}
+
+#[test]
+fn the_shipped_config_files_are_valid() {
+    let env = |name: &str| match name {
+        "REDIS_PASSWORD" | "JWT_SECRET" | "CACHEGATE_ADMIN_TOKEN" => {
+            Some("0123456789abcdef0123456789".to_string())
+        }
+        _ => None,
+    };
+    for (name, text) in [
+        (
+            "cachegate.toml",
+            include_str!("../../config/cachegate.toml"),
+        ),
+        (
+            "quickstart.toml",
+            include_str!("../../config/quickstart.toml"),
+        ),
+        ("docker.toml", include_str!("../../config/docker.toml")),
+    ] {
+        if let Err(e) = Config::parse_with_env(name, text, &env) {
+            panic!("{e}");
+        }
+    }
+}

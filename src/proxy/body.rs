@@ -5,6 +5,7 @@
 //! the body passes `max_object_size`, and the client keeps streaming.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -37,20 +38,25 @@ pub fn empty() -> ProxyBody {
 #[error("upstream body stalled for longer than the upstream timeout")]
 pub struct BodyStalled;
 
-/// Fails a body that produces no frame for `timeout`, so a stalled upstream cannot pin a
-/// client connection (and a cache fill) forever.
+/// Fails a body that produces no frame for `timeout`, so a stalled upstream (or client)
+/// cannot pin a connection (and a cache fill) forever. It can record its progress.
 pub struct IdleTimeout<B> {
     inner: B,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
+    progress: Option<Arc<Progress>>,
+    stalled: fn() -> BoxError,
 }
 
 impl<B> IdleTimeout<B> {
+    /// An upstream response body: fails with `BodyStalled`.
     pub fn new(inner: B, timeout: Duration) -> Self {
         IdleTimeout {
             inner,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            progress: None,
+            stalled: || Box::new(BodyStalled),
         }
     }
 }
@@ -70,13 +76,16 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
+                if let Some(p) = &this.progress {
+                    p.touch();
+                }
                 let deadline = Instant::now() + this.timeout;
                 this.sleep.as_mut().reset(deadline);
                 Poll::Ready(frame.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
                 ready!(this.sleep.as_mut().poll(cx));
-                Poll::Ready(Some(Err(Box::new(BodyStalled))))
+                Poll::Ready(Some(Err((this.stalled)())))
             }
         }
     }
@@ -87,6 +96,80 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The error a client's request body reports when the client goes quiet for longer than
+/// `[server] body_read_timeout`.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body stalled for longer than the body read timeout")]
+pub struct ClientBodyStalled;
+
+/// When a request body last moved, shared between the body (which records it) and the
+/// upstream call (which only times out after that long without progress).
+#[derive(Debug)]
+pub struct Progress {
+    base: std::time::Instant,
+    /// Nanoseconds after `base` of the last frame (or of the start).
+    last_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Arc<Progress> {
+        Arc::new(Progress {
+            base: std::time::Instant::now(),
+            last_ns: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ns = self.base.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+        self.last_ns.store(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The last moment the body moved.
+    pub fn last(&self) -> std::time::Instant {
+        self.base + Duration::from_nanos(self.last_ns.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// A request body on its way upstream, with its progress handle (`None`: no body).
+pub struct Upload {
+    body: BoxBody<Bytes, BoxError>,
+    progress: Option<Arc<Progress>>,
+}
+
+impl Upload {
+    /// A body that is already complete (nothing to wait for).
+    pub fn none(body: BoxBody<Bytes, BoxError>) -> Upload {
+        Upload {
+            body,
+            progress: None,
+        }
+    }
+
+    /// A client's body: fails if no frame arrives for `timeout`, and records its progress.
+    pub fn new<B>(inner: B, timeout: Duration) -> Upload
+    where
+        B: Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let progress = Progress::new();
+        let body = IdleTimeout {
+            inner,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+            progress: Some(progress.clone()),
+            stalled: || Box::new(ClientBodyStalled),
+        };
+        Upload {
+            body: body.boxed(),
+            progress: Some(progress),
+        }
+    }
+
+    pub fn into_parts(self) -> (BoxBody<Bytes, BoxError>, Option<Arc<Progress>>) {
+        (self.body, self.progress)
     }
 }
 

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{self, ProxyBody, Tee, empty};
 use super::error::ProxyError;
+use super::headers;
 use super::respond;
 use super::upstream::DownBody;
 use super::{Cx, Engine, empty_up, method_is_safe};
@@ -30,17 +31,6 @@ use crate::cache::store::Op;
 use crate::cache::{Found, Outcome, random_u64};
 use crate::normalize::{QueryKeep, normalized_query};
 use crate::rules::{QueryPolicy, RouteMatch, Rule, Scope};
-
-/// Conditional and range fields of a client request, held back while a fill fetches the
-/// full representation.
-static FILL_STRIPPED: [HeaderName; 6] = [
-    header::IF_NONE_MATCH,
-    header::IF_MODIFIED_SINCE,
-    header::IF_MATCH,
-    header::IF_UNMODIFIED_SINCE,
-    header::IF_RANGE,
-    header::RANGE,
-];
 
 /// How often a request waiting on another instance's fill looks for the entry.
 const LEASE_POLL: Duration = Duration::from_millis(20);
@@ -155,6 +145,8 @@ struct FillJob {
     id: Id,
     tags: Vec<Id>,
     seen: Vec<Option<u64>>,
+    /// Request headers the origin is known to vary on (from the vary marker).
+    vary: Vec<HeaderName>,
 }
 
 impl Engine {
@@ -172,18 +164,25 @@ impl Engine {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let rule = m.rule;
         // Whose entry: the subject's own (scope user), the shared one, or none at all.
-        // RFC 9111 §3.5: a request carrying Authorization is never answered from, nor
-        // stored into, a shared entry unless the rule says the route is shared.
-        if rule.scope == Scope::Anonymous
-            && (claimed.is_some() || parts.headers.contains_key(header::AUTHORIZATION))
-        {
-            self.authenticate(claimed, &mut parts.headers, cx).await?;
-            return self.bypass(parts, body, cx, "authorization").await;
-        }
-        // Purges wait for the store: until they land, nothing is read from the cache.
-        if self.purger.pending() {
-            self.authenticate(claimed, &mut parts.headers, cx).await?;
-            return self.bypass(parts, body, cx, "purge-pending").await;
+        // RFC 9111 §3.5: a request carrying credentials (Authorization, or a configured
+        // credential header such as Cookie) is never answered from, nor stored into, an
+        // entry shared between users unless the rule says the route is shared.
+        let own_entry = rule.scope == Scope::User && claimed.is_some();
+        if !own_entry && rule.scope != Scope::Public {
+            let why = if claimed.is_some() || parts.headers.contains_key(header::AUTHORIZATION) {
+                Some("authorization")
+            } else {
+                self.config
+                    .cache
+                    .credential_headers
+                    .iter()
+                    .any(|h| !rule.vary.contains(h) && parts.headers.contains_key(h))
+                    .then_some("credentials")
+            };
+            if let Some(why) = why {
+                self.authenticate(claimed, &mut parts.headers, cx).await?;
+                return self.bypass(parts, body, cx, why).await;
+            }
         }
         let mut query = String::new();
         normalized_query(parts.uri.query(), query_keep(&rule.query), &mut query);
@@ -198,6 +197,13 @@ impl Engine {
             rule_vary: rule.vary.clone(),
         };
         let id = base.id(&parts.headers, &[]);
+        // Purges wait for the store: until they land, nothing is read from the cache.
+        // Concurrent requests for the key still share one upstream fetch.
+        if self.purger.pending() {
+            return self
+                .degraded(parts, body, base, id, rule, claimed, cx, "purge-pending")
+                .await;
+        }
         let tags = tags_for(rule, &m.params, path, base.scope.as_deref());
         let request_cc = CacheControl::parse(&parts.headers);
         // A client may force a revalidation only where the operator allows it: otherwise
@@ -219,7 +225,9 @@ impl Engine {
                         let identity = self.session_verdict(c, Err(e), cx)?;
                         self.apply_identity(&mut parts.headers, &identity);
                     }
-                    return self.bypass(parts, body, cx, "store-unavailable").await;
+                    return self
+                        .degraded(parts, body, base, id, rule, None, cx, "store-unavailable")
+                        .await;
                 }
             };
             if let Some(c) = claimed.take() {
@@ -230,10 +238,12 @@ impl Engine {
             // variant (a second round trip, only for such resources).
             let mut found = lookup.found;
             let mut flight_id = id;
+            let mut known_vary = Vec::new();
             if let Found::Entry(marker) = &found
                 && marker.flags & entry_flags::VARY_INDEX != 0
             {
                 flight_id = base.id(&parts.headers, &marker.vary);
+                known_vary = marker.vary.clone();
                 found = match self
                     .cache
                     .lookup_entry(&flight_id, &tags, &lookup.gens)
@@ -241,7 +251,11 @@ impl Engine {
                 {
                     Ok(Found::Entry(e)) if e.flags & entry_flags::VARY_INDEX != 0 => Found::Corrupt,
                     Ok(f) => f,
-                    Err(_) => return self.bypass(parts, body, cx, "store-unavailable").await,
+                    Err(_) => {
+                        return self
+                            .degraded(parts, body, base, id, rule, None, cx, "store-unavailable")
+                            .await;
+                    }
                 };
             }
             let now = now_ms();
@@ -262,8 +276,9 @@ impl Engine {
                         id,
                         tags: tags.clone(),
                         seen: lookup.gens.clone(),
+                        vary: entry.vary.clone(),
                     };
-                    self.spawn_refresh(&parts, job, rule.index, entry.clone());
+                    self.spawn_refresh(&parts.headers, cx.client, job, rule.index, entry.clone());
                     cx.trace.outcome = Outcome::Stale;
                     cx.trace.fwd = None;
                     cx.trace.detail = Some("stale-while-revalidate");
@@ -298,23 +313,22 @@ impl Engine {
                 return self.bypass(parts, body, cx, "request-no-store").await;
             }
 
-            match self.cache.flights.join(flight_id, &lookup.gens, relookup) {
+            let epoch = self.purger.epoch();
+            match self
+                .cache
+                .flights
+                .join(flight_id, &lookup.gens, relookup, epoch)
+            {
                 Joined::Relookup => {
                     relookup = false;
                     continue;
                 }
                 Joined::Waiter(rx) => {
-                    let waited = Instant::now();
-                    let filled = wait_for_fill(rx, self.config.cache.lock_timeout)
-                        .await
-                        .filter(|e| {
-                            entry_serves(e, &lookup.gens)
-                                && now_ms() < e.fresh_until_ms
-                                && base.id(&parts.headers, &e.vary) == e.key
-                        });
-                    self.metrics
-                        .lock_wait
-                        .observe(waited.elapsed().as_secs_f64());
+                    let filled = self.wait_for_fill(rx).await.filter(|e| {
+                        entry_serves(e, &lookup.gens)
+                            && now_ms() < e.fresh_until_ms
+                            && base.id(&parts.headers, &e.vary) == e.key
+                    });
                     if let Some(entry) = filled {
                         return Ok(self.serve_coalesced(&entry, &parts, cx));
                     }
@@ -328,11 +342,91 @@ impl Engine {
                         id,
                         tags,
                         seen: lookup.gens,
+                        vary: match &stale {
+                            Some(s) if !s.vary.is_empty() => s.vary.clone(),
+                            _ => known_vary,
+                        },
                     };
                     return self.fill(parts, leader, job, rule, stale, cx).await;
                 }
             }
         }
+    }
+
+    /// The cache cannot be read (the store is unreachable, or purges wait for it): the
+    /// request goes upstream, but concurrent requests for the same shared entry still
+    /// collapse onto one fetch in this process, whose response answers them all when it
+    /// may be stored. Nothing is written. Entries of one user are never shared this way,
+    /// since their session could not be checked either.
+    #[allow(clippy::too_many_arguments)]
+    async fn degraded(
+        self: &Arc<Self>,
+        mut parts: Parts,
+        body: Incoming,
+        base: KeyBase,
+        id: Id,
+        rule: &Rule,
+        claimed: Option<Claimed>,
+        cx: &mut Cx,
+        why: &'static str,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.authenticate(claimed, &mut parts.headers, cx).await?;
+        let request_cc = CacheControl::parse(&parts.headers);
+        if base.scope.is_some() || request_cc.no_store || request_cc.only_if_cached {
+            if request_cc.only_if_cached {
+                return Err(ProxyError::NotCached);
+            }
+            return self.bypass(parts, body, cx, why).await;
+        }
+        match self.cache.flights.join_degraded(id, self.purger.epoch()) {
+            Joined::Waiter(rx) => {
+                let filled = self.wait_for_fill(rx).await.filter(|e| {
+                    now_ms() < e.fresh_until_ms && base.id(&parts.headers, &e.vary) == e.key
+                });
+                match filled {
+                    Some(entry) => {
+                        let resp = self.serve_coalesced(&entry, &parts, cx);
+                        cx.trace.detail = Some(why);
+                        Ok(resp)
+                    }
+                    None => self.bypass(parts, body, cx, why).await,
+                }
+            }
+            Joined::Leader(leader) => {
+                drop(body);
+                let job = FillJob {
+                    base,
+                    flight_id: id,
+                    id,
+                    tags: Vec::new(),
+                    seen: Vec::new(),
+                    vary: Vec::new(),
+                };
+                let resp = self.fill_unstored(parts, leader, job, rule, cx).await;
+                cx.trace.outcome = Outcome::Bypass;
+                cx.trace.fwd = Some("bypass");
+                cx.trace.stored = false;
+                cx.trace.ttl = None;
+                cx.trace.detail = Some(why);
+                resp
+            }
+            Joined::Relookup => self.bypass(parts, body, cx, why).await,
+        }
+    }
+
+    /// Wait for another request's fill (bounded by `[cache] lock_timeout`).
+    async fn wait_for_fill(
+        &self,
+        rx: tokio::sync::watch::Receiver<FlightState>,
+    ) -> Option<Arc<Entry>> {
+        let waited = Instant::now();
+        self.metrics.fill_waiters.inc();
+        let filled = wait_for_fill(rx, self.config.cache.lock_timeout).await;
+        self.metrics.fill_waiters.dec();
+        self.metrics
+            .lock_wait
+            .observe(waited.elapsed().as_secs_f64());
+        filled
     }
 
     /// Answer from another request's fill.
@@ -355,7 +449,8 @@ impl Engine {
     /// Lead a fill: record generations, take the lease (if distributed), fetch (revalidating
     /// `stale` if there is one), and stream the answer to the client while a bounded copy
     /// goes to the store. A failing upstream is answered from `stale` within its
-    /// stale-if-error window.
+    /// stale-if-error window. If the generations cannot be recorded (the store failed
+    /// since the lookup), the fill still answers its waiters but stores nothing.
     async fn fill(
         self: &Arc<Self>,
         parts: Parts,
@@ -368,13 +463,15 @@ impl Engine {
         let recorded = match self.cache.record_gens(&job.tags, &job.seen).await {
             Ok(g) => g,
             Err(_) => {
-                drop(leader);
+                let seen: Vec<u64> = job.seen.iter().map(|g| g.unwrap_or(0)).collect();
+                leader.set_recorded(seen);
+                let resp = self.fill_unstored(parts, leader, job, rule, cx).await;
                 cx.trace.outcome = Outcome::Bypass;
                 cx.trace.fwd = Some("bypass");
+                cx.trace.stored = false;
+                cx.trace.ttl = None;
                 cx.trace.detail = Some("store-unavailable");
-                let resp = self.forward(parts, empty_up(), cx).await?;
-                cx.trace.fwd_status = Some(resp.status().as_u16());
-                return Ok(resp.map(|b| b.boxed()));
+                return resp;
             }
         };
         leader.set_recorded(recorded.clone());
@@ -389,17 +486,14 @@ impl Engine {
             LeaseOutcome::Proceed => None,
         };
         let client_method = parts.method.clone();
-        let client_headers = parts.headers.clone();
         let fetched = self
-            .fetch(parts, &job, &recorded, rule, stale.as_ref(), cx)
+            .fetch(&parts.headers, &job, &recorded, rule, stale.as_ref(), cx)
             .await;
         match fetched {
             Err(e) => {
                 drop(lease);
                 match stale.filter(|s| now_ms() < s.sie_until_ms) {
-                    Some(s) => {
-                        Ok(self.serve_stale_on_error(s, &client_method, &client_headers, cx))
-                    }
+                    Some(s) => Ok(self.serve_stale_on_error(s, &client_method, &parts.headers, cx)),
                     None => Err(e),
                 }
             }
@@ -412,7 +506,7 @@ impl Engine {
                 if rparts.status.is_server_error()
                     && let Some(s) = stale.filter(|s| now_ms() < s.sie_until_ms)
                 {
-                    return Ok(self.serve_stale_on_error(s, &client_method, &client_headers, cx));
+                    return Ok(self.serve_stale_on_error(s, &client_method, &parts.headers, cx));
                 }
                 cx.trace.outcome = Outcome::Uncacheable;
                 cx.trace.detail = Some(reason);
@@ -435,12 +529,12 @@ impl Engine {
                     entry.body.clone(),
                     respond::current_age(&entry, now),
                     &client_method,
-                    &client_headers,
+                    &parts.headers,
                 );
                 // Only a storable refresh is shared with waiters: one the origin now marks
                 // private, no-store or Set-Cookie belongs to this client alone.
                 match ttl {
-                    Some(ttl) => self.publish(leader, entry, None, ttl, lease),
+                    Some(ttl) => self.publish(leader, entry, None, Some(ttl), lease),
                     None => drop((leader, lease)),
                 }
                 Ok(resp)
@@ -456,22 +550,97 @@ impl Engine {
                 cx.trace.outcome = Outcome::Miss;
                 cx.trace.stored = true;
                 cx.trace.ttl = Some(respond::ttl_left(&template, now));
-                let engine = self.clone();
-                let on_complete: body::OnComplete = Box::new(move |bytes: Bytes| {
-                    let mut entry = template;
-                    entry.body = bytes;
-                    engine.publish(leader, entry, marker, ttl, lease);
-                });
-                let tee = Tee::new(body, self.config.cache.max_object_size, on_complete);
-                let limit = self.config.cache.max_object_size;
-                Ok(respond_streaming(
+                Ok(self.stream_fill(
                     rparts,
-                    tee.boxed(),
+                    body,
+                    template,
+                    marker,
+                    Some(ttl),
+                    leader,
+                    lease,
                     &client_method,
-                    Some(limit),
                 ))
             }
         }
+    }
+
+    /// A fill whose result is shared with this process's waiters but never stored (the
+    /// store cannot be read or written): the client and the waiters get the response.
+    async fn fill_unstored(
+        self: &Arc<Self>,
+        parts: Parts,
+        leader: Leader,
+        job: FillJob,
+        rule: &Rule,
+        cx: &mut Cx,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let recorded: Vec<u64> = job.seen.iter().map(|g| g.unwrap_or(0)).collect();
+        let client_method = parts.method.clone();
+        match self
+            .fetch(&parts.headers, &job, &recorded, rule, None, cx)
+            .await?
+        {
+            Fetched::Storable {
+                parts: rparts,
+                body,
+                template,
+                ..
+            } => Ok(self.stream_fill(
+                rparts,
+                body,
+                template,
+                None,
+                None,
+                leader,
+                None,
+                &client_method,
+            )),
+            Fetched::Uncacheable {
+                parts: rparts,
+                body,
+                ..
+            } => {
+                drop(leader);
+                Ok(respond_streaming(
+                    rparts,
+                    body.boxed(),
+                    &client_method,
+                    None,
+                ))
+            }
+            Fetched::NotModified { .. } => {
+                // Only a revalidation gets a 304, and an unstored fill never revalidates.
+                drop(leader);
+                Err(ProxyError::UpstreamProtocol(
+                    "304 to an unconditional request".into(),
+                ))
+            }
+        }
+    }
+
+    /// Stream a storable response to the client while a bounded copy is taken; when the
+    /// body is complete the entry is published to waiters and, with a `ttl`, stored.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_fill(
+        self: &Arc<Self>,
+        rparts: http::response::Parts,
+        body: DownBody,
+        template: Entry,
+        marker: Option<Entry>,
+        ttl: Option<Duration>,
+        leader: Leader,
+        lease: Option<Lease>,
+        client_method: &Method,
+    ) -> Response<ProxyBody> {
+        let engine = self.clone();
+        let on_complete: body::OnComplete = Box::new(move |bytes: Bytes| {
+            let mut entry = template;
+            entry.body = bytes;
+            engine.publish(leader, entry, marker, ttl, lease);
+        });
+        let limit = self.config.cache.max_object_size;
+        let tee = Tee::new(body, limit, on_complete);
+        respond_streaming(rparts, tee.boxed(), client_method, Some(limit))
     }
 
     /// Answer with a stale entry because the upstream failed (RFC 5861 stale-if-error).
@@ -499,12 +668,82 @@ impl Engine {
         )
     }
 
-    /// Ask the upstream for exactly what the key says (canonical path, the key's query,
-    /// bucketed Accept-Encoding, no client conditionals or ranges), with the stale entry's
-    /// validators when revalidating, and decide what may be stored.
+    /// The request a fill sends: exactly what its key describes, built from scratch (GET,
+    /// canonical path and normalized query, Host, the varied headers, the Accept-Encoding
+    /// bucket, the rule's `fill_headers`, cachegate's own forwarding headers, and, for an
+    /// entry of one user, that user's credentials and subject). Nothing else the client
+    /// sent can shape an entry another client receives. `extra` names more headers the
+    /// origin's `Vary` asks for.
+    fn fill_request(
+        &self,
+        client: &HeaderMap,
+        job: &FillJob,
+        rule: &Rule,
+        extra: &[HeaderName],
+        cx: &Cx,
+    ) -> HeaderMap {
+        let mut h = HeaderMap::with_capacity(12 + rule.vary.len() + rule.fill_headers.len());
+        if let Ok(host) = HeaderValue::from_str(&job.base.host) {
+            headers::set_fill_forwarded(&mut h, cx.client.ip(), &host);
+            h.insert(header::HOST, host);
+        }
+        let names = rule
+            .vary
+            .iter()
+            .chain(&job.vary)
+            .chain(extra)
+            .chain(&rule.fill_headers);
+        for name in names {
+            if name == header::ACCEPT_ENCODING || h.contains_key(name) {
+                continue;
+            }
+            if !self.may_fill(name, rule, job) {
+                continue;
+            }
+            for v in client.get_all(name) {
+                h.append(name.clone(), v.clone());
+            }
+        }
+        h.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static(key::accept_encoding_bucket(client)),
+        );
+        if job.base.scope.is_some() {
+            // The entry is this user's own: the upstream sees who asks, as on a pass-through.
+            for name in [&header::AUTHORIZATION, &self.config.auth.subject_header] {
+                if let Some(v) = client.get(name) {
+                    h.insert(name.clone(), v.clone());
+                }
+            }
+        }
+        h
+    }
+
+    /// May a fill forward this header? Not a credential on an entry shared between users
+    /// (unless the rule keys by it), and nothing cachegate sets itself.
+    fn may_fill(&self, name: &HeaderName, rule: &Rule, job: &FillJob) -> bool {
+        if name == header::ACCEPT_ENCODING
+            || rule.vary.contains(name)
+            || rule.fill_headers.contains(name)
+        {
+            // Accept-Encoding goes as its bucket, which is what the key holds.
+            return true;
+        }
+        if headers::never_filled(name).is_some() {
+            return false;
+        }
+        let credential =
+            name == header::AUTHORIZATION || self.config.cache.credential_headers.contains(name);
+        !credential || (name == header::AUTHORIZATION && job.base.scope.is_some())
+    }
+
+    /// Ask the upstream for exactly what the key says (see `fill_request`), with the stale
+    /// entry's validators when revalidating, and decide what may be stored. When the
+    /// origin's `Vary` names a header this client sent that the fill did not, the answer
+    /// does not fit this client: it is asked for once more with those headers.
     async fn fetch(
         &self,
-        mut parts: Parts,
+        client: &HeaderMap,
         job: &FillJob,
         recorded: &[u64],
         rule: &Rule,
@@ -512,26 +751,40 @@ impl Engine {
         cx: &mut Cx,
     ) -> Result<Fetched, ProxyError> {
         cx.target = job.base.fill_target();
-        for name in &FILL_STRIPPED {
-            parts.headers.remove(name);
-        }
-        parts.headers.insert(
-            header::ACCEPT_ENCODING,
-            HeaderValue::from_static(key::accept_encoding_bucket(&parts.headers)),
-        );
-        if let Some(s) = stale {
-            // RFC 9111 §4.3.1: revalidate with the stored validators.
-            if let Some(etag) = s.headers.get(header::ETAG) {
-                parts.headers.insert(header::IF_NONE_MATCH, etag.clone());
+        let mut extra: Vec<HeaderName> = Vec::new();
+        let (mut rparts, body, request_headers, origin_vary) = loop {
+            let mut request_headers = self.fill_request(client, job, rule, &extra, cx);
+            if let Some(s) = stale {
+                // RFC 9111 §4.3.1: revalidate with the stored validators.
+                if let Some(etag) = s.headers.get(header::ETAG) {
+                    request_headers.insert(header::IF_NONE_MATCH, etag.clone());
+                }
+                if let Some(lm) = s.headers.get(header::LAST_MODIFIED) {
+                    request_headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+                }
             }
-            if let Some(lm) = s.headers.get(header::LAST_MODIFIED) {
-                parts.headers.insert(header::IF_MODIFIED_SINCE, lm.clone());
+            let resp = self
+                .forward(Method::GET, request_headers.clone(), empty_up(), cx)
+                .await?;
+            let (rparts, body) = resp.into_parts();
+            let origin_vary = vary_names(&rparts.headers, &job.base.rule_vary);
+            let missing: Vec<HeaderName> = origin_vary
+                .iter()
+                .filter(|n| {
+                    !request_headers.contains_key(*n)
+                        && client.contains_key(*n)
+                        && self.may_fill(n, rule, job)
+                })
+                .cloned()
+                .collect();
+            if missing.is_empty() || !extra.is_empty() {
+                break (rparts, body, request_headers, origin_vary);
             }
-        }
-        let request_headers = parts.headers.clone();
-        parts.method = Method::GET;
-        let resp = self.forward(parts, empty_up(), cx).await?;
-        let (mut rparts, body) = resp.into_parts();
+            // The first answer was made for a request without these headers; this client
+            // has them. (A resource known to vary is filled with them from the start.)
+            drop(body);
+            extra = missing;
+        };
         cx.trace.fwd_status = Some(rparts.status.as_u16());
         let now = now_ms();
         let statuses = &self.config.cache.statuses;
@@ -577,6 +830,15 @@ impl Engine {
             let too_large = content_length(&rparts.headers)
                 .is_some_and(|n| n > self.config.cache.max_object_size as u64);
             if too_large { Err("too-large") } else { Ok(f) }
+        })
+        .and_then(|f| {
+            // Varying on a credential the fill may not send: the answer was made without
+            // it, and no key could tell its variants apart.
+            if origin_vary.iter().any(|n| !self.may_fill(n, rule, job)) {
+                Err("vary-credential")
+            } else {
+                Ok(f)
+            }
         });
         let fresh = match decision {
             Ok(f) => f,
@@ -590,8 +852,8 @@ impl Engine {
         };
         let mut template = entry_template(job.id, &rparts, &job.tags, recorded, &fresh, now);
         // The origin's Vary (beyond the rule's own `vary`): the response is stored as a
-        // variant keyed by those request headers, with a marker under the plain key.
-        let origin_vary = vary_names(&rparts.headers, &job.base.rule_vary);
+        // variant keyed by those request headers as the fill sent them, with a marker
+        // under the plain key.
         let marker = if origin_vary.is_empty() {
             None
         } else {
@@ -609,8 +871,8 @@ impl Engine {
     }
 
     /// Write a finished fill (and its vary marker), then retire its flight. The flight
-    /// lingers for one store timeout after the write: a request whose lookup ran just before
-    /// the write landed is sent back to the store once instead of fetching again.
+    /// lingers briefly after the write (`Cache::write_linger`): a request whose lookup ran
+    /// just before the write landed is sent back to the store once instead of fetching again.
     ///
     /// Waiters get the entry at once; the write (and the flight's retirement) runs in the
     /// background.
@@ -619,11 +881,16 @@ impl Engine {
         leader: Leader,
         entry: Entry,
         marker: Option<Entry>,
-        ttl: Duration,
+        ttl: Option<Duration>,
         lease: Option<Lease>,
     ) {
         let entry = Arc::new(entry);
         leader.complete(entry.clone());
+        let Some(ttl) = ttl else {
+            // Not to be stored: the waiters have it; the flight retires now.
+            drop((leader, lease));
+            return;
+        };
         let engine = self.clone();
         tokio::spawn(async move {
             let mut entries: Vec<&Entry> = vec![&entry];
@@ -633,7 +900,7 @@ impl Engine {
             drop(lease);
             if stored {
                 leader.stored();
-                tokio::time::sleep(engine.config.store.timeout).await;
+                tokio::time::sleep(engine.cache.write_linger()).await;
             }
             drop(leader);
         });
@@ -696,30 +963,34 @@ impl Engine {
     /// the process (and once across instances with the distributed lock).
     fn spawn_refresh(
         self: &Arc<Self>,
-        parts: &Parts,
+        headers: &HeaderMap,
+        client: std::net::SocketAddr,
         job: FillJob,
         rule_index: usize,
         stale: Entry,
     ) {
-        let Joined::Leader(leader) = self.cache.flights.join(job.flight_id, &job.seen, false)
+        let epoch = self.purger.epoch();
+        let Joined::Leader(leader) =
+            self.cache
+                .flights
+                .join(job.flight_id, &job.seen, false, epoch)
         else {
             return; // a refresh (or a fill) is already under way
         };
-        let mut req = Request::new(());
-        *req.method_mut() = Method::GET;
-        *req.uri_mut() = parts.uri.clone();
-        *req.headers_mut() = parts.headers.clone();
-        let (parts, ()) = req.into_parts();
+        let headers = headers.clone();
         let engine = self.clone();
         tokio::spawn(async move {
-            let result = engine.refresh(parts, leader, job, rule_index, stale).await;
+            let result = engine
+                .refresh(headers, client, leader, job, rule_index, stale)
+                .await;
             engine.metrics.refresh(result);
         });
     }
 
     async fn refresh(
         self: &Arc<Self>,
-        parts: Parts,
+        headers: HeaderMap,
+        client: std::net::SocketAddr,
         leader: Leader,
         job: FillJob,
         rule_index: usize,
@@ -729,7 +1000,7 @@ impl Engine {
         let Some(rule) = config.rules.rules().get(rule_index) else {
             return "error";
         };
-        let mut cx = Cx::background(rule_index);
+        let mut cx = Cx::background(rule_index, client);
         let Ok(recorded) = self.cache.record_gens(&job.tags, &job.seen).await else {
             return "error";
         };
@@ -740,14 +1011,14 @@ impl Engine {
             LeaseOutcome::Proceed => None,
         };
         let fetched = self
-            .fetch(parts, &job, &recorded, rule, Some(&stale), &mut cx)
+            .fetch(&headers, &job, &recorded, rule, Some(&stale), &mut cx)
             .await;
         match fetched {
             Ok(Fetched::NotModified {
                 entry,
                 ttl: Some(ttl),
             }) => {
-                self.publish(leader, entry, None, ttl, lease);
+                self.publish(leader, entry, None, Some(ttl), lease);
                 "not_modified"
             }
             Ok(Fetched::Storable {
@@ -760,7 +1031,7 @@ impl Engine {
                 Ok(Some(bytes)) => {
                     let mut entry = template;
                     entry.body = bytes;
-                    self.publish(leader, entry, marker, ttl, lease);
+                    self.publish(leader, entry, marker, Some(ttl), lease);
                     "refreshed"
                 }
                 Ok(None) => "uncacheable",
@@ -774,8 +1045,9 @@ impl Engine {
 
 impl Cx {
     /// Bookkeeping of a request made by cachegate itself (a background refresh).
-    fn background(rule_index: usize) -> Cx {
+    fn background(rule_index: usize, client: std::net::SocketAddr) -> Cx {
         Cx {
+            client,
             rule: Some(rule_index),
             trace: respond::Trace::default(),
             upstream_ms: None,
@@ -1018,6 +1290,46 @@ pub struct Explain<'a> {
 }
 
 impl Engine {
+    /// What a fill of this rule sends the upstream (`fill_request`), header names only.
+    fn explain_fill(&self, rule: &Rule, path: &str, query: &str) -> serde_json::Value {
+        let mut forwarded: Vec<String> = vec!["host".into()];
+        forwarded.extend(rule.vary.iter().map(|h| h.to_string()));
+        forwarded.extend(
+            rule.fill_headers
+                .iter()
+                .filter(|h| !rule.vary.contains(h))
+                .map(|h| h.to_string()),
+        );
+        forwarded.push("accept-encoding (as gzip, br or identity)".into());
+        for own in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+            "via",
+        ] {
+            forwarded.push(format!("{own} (set by cachegate)"));
+        }
+        if rule.scope == Scope::User {
+            forwarded.push("authorization (the user's own entries only)".into());
+            forwarded.push(format!(
+                "{} (the verified subject)",
+                self.config.auth.subject_header
+            ));
+        }
+        let target = if query.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{query}")
+        };
+        serde_json::json!({
+            "method": "GET",
+            "target": target,
+            "headers": forwarded,
+            "also": "the request headers the origin's Vary names for the resource (credentials excepted); nothing else the client sent",
+        })
+    }
+
     /// Explain a request (admin `/explain`).
     pub async fn explain(&self, q: Explain<'_>) -> serde_json::Value {
         use serde_json::json;
@@ -1120,6 +1432,9 @@ impl Engine {
             "purge_on_success": purge,
         });
         let cached_rule = rule.ttl.is_some() && (method == Method::GET || method == Method::HEAD);
+        if cached_rule {
+            out["fill_request"] = self.explain_fill(rule, &path, &query);
+        }
         let needs_sub = rule.scope == Scope::User && q.sub.is_none();
         if let (true, Some(host), false) = (cached_rule, q.host, needs_sub) {
             let base = KeyBase {

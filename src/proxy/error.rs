@@ -22,6 +22,10 @@ pub enum Blame {
 pub enum ProxyError {
     #[error("request has no valid Host")]
     BadHost,
+    #[error("request has more header fields than allowed")]
+    TooManyHeaders,
+    #[error("the client stopped sending its request body")]
+    ClientBodyTimeout,
     #[error("request path refused: {0}")]
     BadPath(PathError),
     #[error("unauthorized: {0}")]
@@ -44,6 +48,8 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::BadHost => StatusCode::BAD_REQUEST,
+            ProxyError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ProxyError::BadPath(PathError::TooLong) => StatusCode::URI_TOO_LONG,
             ProxyError::BadPath(_) => StatusCode::BAD_REQUEST,
             ProxyError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -60,6 +66,8 @@ impl ProxyError {
     pub fn blame(&self) -> Blame {
         match self {
             ProxyError::BadHost
+            | ProxyError::TooManyHeaders
+            | ProxyError::ClientBodyTimeout
             | ProxyError::BadPath(_)
             | ProxyError::Unauthorized(_)
             | ProxyError::NotCached => Blame::Downstream,
@@ -75,6 +83,8 @@ impl ProxyError {
     pub fn code(&self) -> &'static str {
         match self {
             ProxyError::BadHost => "bad_host",
+            ProxyError::TooManyHeaders => "too_many_headers",
+            ProxyError::ClientBodyTimeout => "request_body_timeout",
             ProxyError::BadPath(_) => "bad_path",
             ProxyError::Unauthorized(f) => f.code(),
             ProxyError::SessionStoreUnavailable { .. } => "session_store_unavailable",
@@ -89,7 +99,11 @@ impl ProxyError {
     /// The human part of the body; never contains request bytes.
     fn detail(&self) -> String {
         match self {
-            ProxyError::BadHost => "the request must carry exactly one valid Host header".into(),
+            ProxyError::BadHost => "the request must carry exactly one valid Host header (and over HTTP/2, no host field that disagrees with :authority)".into(),
+            ProxyError::TooManyHeaders => "the request has more header fields than allowed".into(),
+            ProxyError::ClientBodyTimeout => {
+                "the request body stopped arriving for longer than allowed".into()
+            }
             ProxyError::BadPath(e) => e.to_string(),
             ProxyError::Unauthorized(f) => f.to_string(),
             ProxyError::SessionStoreUnavailable { .. } => {
@@ -160,6 +174,18 @@ mod tests {
     fn every_variant_maps_to_one_status_and_blame() {
         let cases = [
             (ProxyError::BadHost, 400, Blame::Downstream, "bad_host"),
+            (
+                ProxyError::TooManyHeaders,
+                431,
+                Blame::Downstream,
+                "too_many_headers",
+            ),
+            (
+                ProxyError::ClientBodyTimeout,
+                408,
+                Blame::Downstream,
+                "request_body_timeout",
+            ),
             (
                 ProxyError::BadPath(PathError::DotSegment),
                 400,

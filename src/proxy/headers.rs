@@ -20,6 +20,7 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -45,7 +46,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Set `X-Forwarded-For` (appended), `-Proto` and `-Host`, and `Via` (RFC 9110 §7.6.3).
+/// Set `X-Forwarded-For` (appended), `-Proto` and `-Host`, `Forwarded` (replaced: the
+/// client's own is never passed on, RFC 7239) and `Via` (RFC 9110 §7.6.3).
 pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &HeaderValue) {
     let ip = client.to_string();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -55,14 +57,164 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &HeaderValue
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
-    headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    set_own_forwarding(headers, client, host);
     headers.append(header::VIA, VIA_VALUE.clone());
 }
 
+/// The forwarding headers of a request cachegate makes itself (a fill): only what
+/// cachegate knows, nothing the client wrote.
+pub fn set_fill_forwarded(headers: &mut HeaderMap, client: IpAddr, host: &HeaderValue) {
+    if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    set_own_forwarding(headers, client, host);
+    headers.insert(header::VIA, VIA_VALUE.clone());
+}
+
+fn set_own_forwarding(headers: &mut HeaderMap, client: IpAddr, host: &HeaderValue) {
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_HOST.clone(), host.clone());
+    if let Some(v) = forwarded_value(client, host) {
+        headers.insert(FORWARDED.clone(), v);
+    }
+}
+
+/// `for=...;host=...;proto=http` (RFC 7239 §4), quoting what is not a token.
+fn forwarded_value(client: IpAddr, host: &HeaderValue) -> Option<HeaderValue> {
+    let host = host.to_str().ok()?;
+    let for_ = match client {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    let host = if token(host) {
+        host.to_string()
+    } else if host
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        format!("\"{host}\"")
+    } else {
+        return None;
+    };
+    HeaderValue::from_str(&format!("for={for_};host={host};proto=http")).ok()
+}
+
+/// Headers that ask the upstream to treat the request as another method or another URL.
+/// A request carrying one is never answered from or stored into the cache.
+pub static OVERRIDE_HEADERS: [HeaderName; 6] = [
+    HeaderName::from_static("x-http-method-override"),
+    HeaderName::from_static("x-http-method"),
+    HeaderName::from_static("x-method-override"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-original-uri"),
+];
+
+/// What a request's override headers ask for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// Some override header is present.
+    pub present: bool,
+    /// Some method override names a method that is not safe (or one that is not a method at
+    /// all): an upstream honouring it may write.
+    pub write: bool,
+    /// The request target an upstream honouring a URL override would serve.
+    pub url: Option<String>,
+}
+
+/// Read the override headers, in every spelling an upstream may read them (`_` for `-`,
+/// as CGI-style servers do), and the `_method` query parameter that web frameworks read as
+/// a method override.
+pub fn overrides(headers: &HeaderMap, query: Option<&str>) -> Overrides {
+    let mut out = Overrides::default();
+    if let Some(q) = query.filter(|q| q.contains("_method")) {
+        for pair in q.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if name == "_method" || name == "%5Fmethod" || name == "%5fmethod" {
+                out.present = true;
+                out.write |= !safe_method_name(value);
+            }
+        }
+    }
+    for (name, value) in headers {
+        let n = name.as_str();
+        if !n.starts_with("x") {
+            continue;
+        }
+        let dashed;
+        let n = if n.contains('_') {
+            dashed = n.replace('_', "-");
+            dashed.as_str()
+        } else {
+            n
+        };
+        let Some(i) = OVERRIDE_HEADERS.iter().position(|h| h.as_str() == n) else {
+            continue;
+        };
+        out.present = true;
+        let text = value.to_str().unwrap_or("").trim();
+        if i < 3 {
+            out.write |= !safe_method_name(text);
+        } else if out.url.is_none() {
+            out.url = Some(text.to_string());
+        }
+    }
+    out
+}
+
+/// GET, HEAD, OPTIONS or TRACE, in any case (RFC 9110 §9.2.1).
+fn safe_method_name(name: &str) -> bool {
+    ["GET", "HEAD", "OPTIONS", "TRACE"]
+        .iter()
+        .any(|m| m.eq_ignore_ascii_case(name.trim()))
+}
+
+/// Why a header may not be listed in a rule's `fill_headers`, if it may not.
+pub fn never_filled(name: &HeaderName) -> Option<&'static str> {
+    if name == header::HOST
+        || name == header::ACCEPT_ENCODING
+        || name == header::VIA
+        || name == FORWARDED
+        || name == X_FORWARDED_FOR
+        || name == X_FORWARDED_PROTO
+        || name == X_FORWARDED_HOST
+    {
+        return Some("cachegate sets this header on every fill itself");
+    }
+    if HOP_BY_HOP.contains(name) {
+        return Some("a hop-by-hop header is never forwarded");
+    }
+    if OVERRIDE_HEADERS.contains(name) {
+        return Some("a method or URL override is never sent on a fill");
+    }
+    if [
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_RANGE,
+        header::RANGE,
+    ]
+    .contains(name)
+    {
+        return Some("a fill always asks for the full representation");
+    }
+    None
+}
+
 /// The request's host: exactly one valid `Host` field, or the URI authority (HTTP/2, absolute
-/// form) which then wins (RFC 9112 §3.2.3). Returns the value to forward, or `None` for 400.
-pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<HeaderValue> {
+/// form) which then wins (RFC 9112 §3.2.3). Over HTTP/2 a `host` field that disagrees with
+/// `:authority` is refused (RFC 9113 §8.3.1). Returns the value to forward, or `None` for 400.
+pub fn request_host(
+    headers: &HeaderMap,
+    uri: &http::Uri,
+    version: http::Version,
+) -> Option<HeaderValue> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
@@ -70,6 +222,14 @@ pub fn request_host(headers: &HeaderMap, uri: &http::Uri) -> Option<HeaderValue>
     }
     if let Some(authority) = uri.authority() {
         if authority.as_str().contains('@') {
+            return None;
+        }
+        if version == http::Version::HTTP_2
+            && first.is_some_and(|h| {
+                !h.as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes())
+            })
+        {
             return None;
         }
         return HeaderValue::from_str(authority.as_str()).ok();
@@ -112,6 +272,8 @@ mod tests {
 
     #[test]
     fn host_rules() {
+        let request_host =
+            |h: &HeaderMap, u: &http::Uri| request_host(h, u, http::Version::HTTP_11);
         let uri: http::Uri = "/x".parse().unwrap();
         let mut h = HeaderMap::new();
         assert!(request_host(&h, &uri).is_none());
@@ -132,6 +294,50 @@ mod tests {
             request_host(&HeaderMap::new(), &abs).unwrap(),
             "api.example.com"
         );
+    }
+
+    #[test]
+    fn h2_authority_and_host_must_agree() {
+        let abs: http::Uri = "http://api.example.com/x".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("API.example.com"));
+        assert!(request_host(&h, &abs, http::Version::HTTP_2).is_some());
+        h.insert(header::HOST, HeaderValue::from_static("evil.example"));
+        assert!(request_host(&h, &abs, http::Version::HTTP_2).is_none());
+        assert_eq!(
+            request_host(&h, &abs, http::Version::HTTP_11).unwrap(),
+            "api.example.com",
+            "HTTP/1.1 absolute form: the authority wins"
+        );
+    }
+
+    #[test]
+    fn overrides_are_read_in_every_spelling() {
+        let mut h = HeaderMap::new();
+        assert_eq!(overrides(&h, Some("a=1&method=x")), Overrides::default());
+        h.insert("x_http_method_override", HeaderValue::from_static("delete"));
+        h.insert("x-original-url", HeaderValue::from_static("/admin"));
+        let o = overrides(&h, None);
+        assert!(o.present);
+        assert!(o.write);
+        assert_eq!(o.url.as_deref(), Some("/admin"));
+        let q = overrides(&HeaderMap::new(), Some("a=1&_method=put"));
+        assert!(q.present && q.write);
+        let safe = overrides(&HeaderMap::new(), Some("_method=get"));
+        assert!(safe.present && !safe.write);
+    }
+
+    #[test]
+    fn forwarded_is_replaced_and_quoted() {
+        let mut h = HeaderMap::new();
+        h.insert(&FORWARDED, HeaderValue::from_static("for=evil;host=evil"));
+        set_forwarded(
+            &mut h,
+            "::1".parse().unwrap(),
+            &HeaderValue::from_static("api:8080"),
+        );
+        assert_eq!(h.get_all(&FORWARDED).iter().count(), 1);
+        assert_eq!(h[&FORWARDED], "for=\"[::1]\";host=\"api:8080\";proto=http");
     }
 
     #[test]

@@ -85,16 +85,10 @@ impl Engine {
         claimed: Claimed,
         cx: &Cx,
     ) -> Result<Identity, ProxyError> {
-        let store = self.cache.store();
-        let stored = store
-            .call(
-                Op::Session,
-                store
-                    .store()
-                    .get_many(vec![claimed.session_key.as_bytes().to_vec()]),
-            )
-            .await
-            .map(|mut v| v.pop().flatten());
+        let stored = self
+            .cache
+            .session(claimed.session_key.as_bytes().to_vec())
+            .await;
         self.session_verdict(claimed, stored, cx)
     }
 

@@ -13,7 +13,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::{BoxError, IdleTimeout};
+use std::sync::Arc;
+
+use super::body::{BoxError, ClientBodyStalled, IdleTimeout, Progress};
 use super::error::ProxyError;
 use crate::config::UpstreamConfig;
 
@@ -60,20 +62,60 @@ impl Upstream {
             .map_err(|e| ProxyError::Internal(format!("cannot build upstream URI: {e}")))
     }
 
-    /// Send a request; the response head must arrive within `[upstream] timeout`.
-    pub async fn send(&self, req: Request<UpBody>) -> Result<Response<DownBody>, ProxyError> {
+    /// Send a request; the response head must arrive within `[upstream] timeout` of the
+    /// last progress of the request body (`progress`; without one, of the start), so a slow
+    /// but steady upload is not cut, while a stalled upstream still is.
+    pub async fn send(
+        &self,
+        req: Request<UpBody>,
+        progress: Option<Arc<Progress>>,
+    ) -> Result<Response<DownBody>, ProxyError> {
         let fut = self.client.request(req);
-        let resp = match tokio::time::timeout(self.cfg.timeout, fut).await {
-            Err(_) => return Err(ProxyError::UpstreamTimeout),
-            Ok(Err(e)) if e.is_connect() => {
+        tokio::pin!(fut);
+        let started = tokio::time::Instant::now();
+        let result = loop {
+            let since = progress
+                .as_ref()
+                .map(|p| tokio::time::Instant::from_std(p.last()).max(started))
+                .unwrap_or(started);
+            let deadline = since + self.cfg.timeout;
+            tokio::select! {
+                r = &mut fut => break r,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let moved = progress.as_ref().is_some_and(|p| {
+                        tokio::time::Instant::from_std(p.last()) > since
+                    });
+                    if !moved {
+                        return Err(ProxyError::UpstreamTimeout);
+                    }
+                }
+            }
+        };
+        let resp = match result {
+            Err(e) if has_source::<ClientBodyStalled>(&e) => {
+                return Err(ProxyError::ClientBodyTimeout);
+            }
+            Err(e) if e.is_connect() => {
                 return Err(ProxyError::UpstreamConnect(error_chain(&e)));
             }
-            Ok(Err(e)) => return Err(ProxyError::UpstreamProtocol(error_chain(&e))),
-            Ok(Ok(resp)) => resp,
+            Err(e) => return Err(ProxyError::UpstreamProtocol(error_chain(&e))),
+            Ok(resp) => resp,
         };
         let timeout = self.cfg.timeout;
         Ok(resp.map(|b| IdleTimeout::new(b, timeout)))
     }
+}
+
+/// Is an error of type `T` somewhere in this error's chain?
+fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// An error and its sources on one line, for logs.

@@ -43,7 +43,7 @@ where
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -298,6 +298,22 @@ impl Origin {
                 "{{\"path\":\"{}\",\"query\":\"{}\",\"n\":{},\"user\":\"{}\"}}",
                 s.path, q, n, user
             ))
+        }))
+        .await
+    }
+
+    /// An origin that reflects every request header it got into its body (the way a
+    /// careless API echoes its input): whatever reaches it is visible to the client.
+    pub async fn reflect() -> Origin {
+        Origin::start(handler(|s, n| {
+            let mut lines: Vec<String> = s
+                .headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+                .collect();
+            lines.sort();
+            Answer::ok(format!("n={n}\n{}", lines.join("\n")))
+                .header("cache-control", "max-age=300")
         }))
         .await
     }

@@ -5,6 +5,8 @@ mod auth;
 mod cache;
 mod caching;
 mod cli;
+mod hardening;
 mod harness;
+mod memory;
 mod proxy;
 mod purge;
