@@ -8,8 +8,8 @@
 //! runs some. `LOAD_SECONDS` sets each scenario's duration (default 5), `LOAD_CONNECTIONS`
 //! the concurrency (default 64). Needs `redis-server` on PATH.
 
-#[path = "../tests/it/harness.rs"]
-mod harness;
+#[path = "../tests/it/support/mod.rs"]
+mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -237,7 +237,7 @@ async fn load(
 }
 
 fn token(sub: &str) -> String {
-    harness::hs256(
+    support::hs256(
         SECRET,
         &serde_json::json!({"sub": sub, "exp": 4_000_000_000u64}),
     )
@@ -288,7 +288,7 @@ async fn main() {
     print("origin direct (baseline)", &baseline, None);
 
     if wants("hits") || wants("auth") {
-        let redis = harness::Redis::start().await;
+        let redis = support::Redis::start().await;
         let rules = "[[rule]]\nname = \"hit\"\nmatch = \"/hit\"\nttl = \"1h\"\n\
                      [[rule]]\nname = \"me\"\nmatch = \"/me\"\nttl = \"1h\"\nauth = \"required\"\n";
         let redis_store = format!("[store]\nbackend = \"redis\"\nurl = \"{}\"\n", redis.url());

@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use cachegate::cache::entry::Entry;
 use cachegate::cache::key::{Id, KeyParts, tag_id};
-use cachegate::rules::{QueryPolicy, RuleSpec, RuleTable, Template};
+use cachegate::routing::tags::TagTemplate;
+use cachegate::routing::{Rule, RuleTable, path_template};
 use criterion::{Criterion, criterion_group};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
@@ -20,22 +21,12 @@ fn rule_table(n: usize) -> RuleTable {
     let specs = (0..n)
         .map(|i| {
             let template =
-                Template::parse(&format!("/api/v1/service{i}/items/{{id}}")).expect("template");
-            let tags = vec![template.tag("item:{id}").expect("tag")];
-            RuleSpec {
-                name: format!("r{i}"),
-                template,
+                path_template(&format!("/api/v1/service{i}/items/{{id}}")).expect("template");
+            let tags = vec![TagTemplate::parse("item:{id}", &template).expect("tag")];
+            Rule {
                 ttl: Some(Duration::from_secs(60)),
-                query: QueryPolicy::Sorted,
-                vary: vec![],
-                fill_headers: vec![],
                 tags,
-                purge: vec![],
-                stale_while_revalidate: Duration::ZERO,
-                stale_if_error: Duration::ZERO,
-                origin_cache_control: Default::default(),
-                auth: cachegate::auth::Policy::None,
-                scope: cachegate::rules::Scope::Anonymous,
+                ..Rule::new(&format!("r{i}"), template)
             }
         })
         .collect();
@@ -174,14 +165,14 @@ fn auth(c: &mut Criterion) {
     g.bench_function("verify_hs256_and_render_key", |b| {
         b.iter(|| {
             let claims = gate.verifier.claims(black_box(&token)).expect("valid");
-            black_box(gate.template.render(&claims).map(|k| k.len()))
+            black_box(gate.template.render(&claims).map(|k| k.0.len()))
         })
     });
     g.bench_function("claim_token_remembered", |b| {
         b.iter(|| {
             black_box(
                 gate.claim_token(black_box(&token))
-                    .map(|c| c.session_key.len()),
+                    .map(|c| c.session_key.0.len()),
             )
         })
     });

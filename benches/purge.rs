@@ -6,8 +6,8 @@
 //! times: one purge of `users` (median of 25), and deleting `naive:users:*` with SCAN MATCH +
 //! DEL. `PURGE_SIZES=1000,100000` picks the sizes. Needs `redis-server` on PATH.
 
-#[path = "../tests/it/harness.rs"]
-mod harness;
+#[path = "../tests/it/support/mod.rs"]
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cachegate::cache::entry::Entry;
 use cachegate::cache::key::{Id, tag_id};
-use cachegate::cache::redis::RedisStore;
+use cachegate::cache::store::redis::RedisStore;
 use cachegate::cache::store::{Guarded, Store};
 use cachegate::cache::{Cache, Found};
 use cachegate::metrics::Metrics;
@@ -61,8 +61,8 @@ async fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000, 100_000, 1_000_000]);
-    let redis = harness::Redis::start().await;
-    let metrics = Arc::new(Metrics::new(&[]));
+    let redis = support::Redis::start().await;
+    let metrics = Arc::new(Metrics::new());
     let timeout = Duration::from_secs(30);
     let store: Arc<dyn Store> =
         Arc::new(RedisStore::connect_lazy(&redis.url(), None, timeout).expect("store"));
@@ -83,14 +83,14 @@ async fn main() {
         // Fill: real envelopes in pipelines of 1,000.
         let mut i = 0;
         while i < n {
-            let batch: Vec<(Vec<u8>, Bytes)> = (i..(i + 1000).min(n))
+            let batch: Vec<_> = (i..(i + 1000).min(n))
                 .map(|j| {
                     let e = entry(j, users, generation);
-                    (cache.entry_key(&e.key), e.encode())
+                    (cache.keys().entry(&e.key), e.encode())
                 })
                 .collect();
             store
-                .put(batch, Duration::from_secs(3600), vec![], Duration::ZERO)
+                .put(batch, Duration::from_secs(3600), &[], Duration::ZERO)
                 .await
                 .expect("fill");
             i += 1000;

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         Command::Check { config } => match Config::load(&config) {
             Ok(cfg) => {
                 println!("{}: ok", config.display());
-                print!("{}", cfg.rules.describe());
+                print!("{}", cachegate::config::compile::describe(&cfg.rules));
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match run(cfg) {
+            match run(cfg, config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cachegate: {e:#}");
@@ -122,12 +122,36 @@ fn main() -> ExitCode {
 }
 
 #[tokio::main]
-async fn run(cfg: Config) -> anyhow::Result<()> {
-    let running = cachegate::server::start(cfg).await?;
-    shutdown_signal().await;
+async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
+    let app = cachegate::app::App::new(cfg, Some(path))?;
+    let running = cachegate::server::start_app(app.clone()).await?;
+    serve_until_stopped(&app).await;
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reload on SIGHUP; return on SIGTERM or SIGINT.
+async fn serve_until_stopped(app: &cachegate::app::App) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload through the admin API");
+            None
+        }
+    };
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                // Problems are logged by the reload itself.
+                let _ = app.reload().await;
+            }
+        }
+    }
 }
 
 /// A thin client of `POST /purge` on the admin listener.

@@ -1,9 +1,13 @@
 //! One Prometheus registry and typed handles to everything cachegate counts.
 //!
-//! Handles that carry a rule label are resolved once per rule at start, so the request path
-//! increments a counter without hashing label values or formatting strings. Labels are rule
-//! names and static strings only: never paths, user ids or tokens.
+//! Labels are the fixed vocabularies of `labels` (resolved to handles once, so the request
+//! path increments a counter without hashing label values or formatting strings) and rule
+//! names. Per-rule handles are looked up by rule *name*, so they survive a reload that
+//! keeps the rule, and the series of a rule a reload removes disappear. Labels are never
+//! paths, user ids or tokens. This module counts; it decides nothing.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{
@@ -11,22 +15,71 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::cache::Outcome;
-use crate::cache::store::Op;
+use crate::labels::{AuthResult, Label, Outcome, RefreshResult, ReloadResult, StoreOp, Trigger};
 
-/// Per-rule handles, resolved at start.
+/// The rule label of requests no rule matched.
+pub const UNMATCHED: &str = "none";
+
+/// One counter per value of a label vocabulary, resolved at start.
+pub struct Counters<L: Label> {
+    handles: Vec<IntCounter>,
+    _label: std::marker::PhantomData<L>,
+}
+
+impl<L: Label> Counters<L> {
+    fn new(vec: &IntCounterVec, prefix: &[&str]) -> Self {
+        let handles = L::ALL
+            .iter()
+            .map(|l| {
+                let mut values: Vec<&str> = prefix.to_vec();
+                values.push(l.as_str());
+                vec.with_label_values(&values)
+            })
+            .collect();
+        Counters {
+            handles,
+            _label: std::marker::PhantomData,
+        }
+    }
+
+    pub fn inc(&self, label: L) {
+        self.handles[label.index()].inc();
+    }
+}
+
+/// Per-rule handles.
 pub struct RuleMetrics {
-    outcomes: Vec<IntCounter>,
-    auth: Vec<IntCounter>,
-    purges: Vec<IntCounter>,
+    outcomes: Counters<Outcome>,
+    auth: Counters<AuthResult>,
+    purges: Counters<Trigger>,
     pub upstream: Histogram,
+}
+
+impl RuleMetrics {
+    pub fn outcome(&self, o: Outcome) {
+        self.outcomes.inc(o);
+    }
+
+    /// Count a purge.
+    pub fn purge(&self, trigger: Trigger) {
+        self.purges.inc(trigger);
+    }
+
+    /// Count a session gate decision.
+    pub fn auth(&self, result: AuthResult) {
+        self.auth.inc(result);
+    }
 }
 
 /// Every metric cachegate exports.
 pub struct Metrics {
     registry: Registry,
-    rules: Vec<RuleMetrics>,
-    store_errors: Vec<IntCounter>,
+    requests: IntCounterVec,
+    auth: IntCounterVec,
+    purges: IntCounterVec,
+    upstream: HistogramVec,
+    rules: Mutex<HashMap<String, Arc<RuleMetrics>>>,
+    store_errors: Counters<StoreOp>,
     store_duration: Vec<Histogram>,
     pub stale_generation_misses: IntCounter,
     pub purge_queue_depth: IntGauge,
@@ -43,11 +96,11 @@ pub struct Metrics {
     /// Bytes and items the embedded store holds (weighed with their overhead).
     pub store_bytes: IntGauge,
     pub store_entries: IntGauge,
-    refreshes: Vec<IntCounter>,
+    refreshes: Counters<RefreshResult>,
+    reloads: Counters<ReloadResult>,
+    /// When the configuration was last loaded successfully (start or reload).
+    pub last_reload_success: IntGauge,
 }
-
-/// Results of a background refresh.
-pub const REFRESH_RESULTS: [&str; 4] = ["refreshed", "not_modified", "uncacheable", "error"];
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -63,20 +116,36 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
     c
 }
 
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(registry, IntGauge::new(name, help).expect("valid metric"))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
 impl Metrics {
-    /// Build the registry for these rule names (the unmatched label is added last).
-    pub fn new(rule_names: &[&str]) -> Metrics {
+    /// Build the registry; per-rule series appear as rules are looked up (`rule`).
+    pub fn new() -> Metrics {
         let registry = Registry::new();
-        let requests = register(
+        let requests = counter_vec(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "cachegate_requests_total",
-                    "Requests by rule and cache outcome.",
-                ),
-                &["rule", "outcome"],
-            )
-            .expect("valid metric"),
+            "cachegate_requests_total",
+            "Requests by rule and cache outcome.",
+            &["rule", "outcome"],
         );
         let upstream = register(
             &registry,
@@ -90,38 +159,23 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let purges = register(
+        let purges = counter_vec(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "cachegate_purges_total",
-                    "Purges (tag generation bumps) by rule and trigger.",
-                ),
-                &["rule", "trigger"],
-            )
-            .expect("valid metric"),
+            "cachegate_purges_total",
+            "Purges (tag generation bumps) by rule and trigger.",
+            &["rule", "trigger"],
         );
-        let auth = register(
+        let auth = counter_vec(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "cachegate_auth_total",
-                    "Session gate decisions by rule and result.",
-                ),
-                &["rule", "result"],
-            )
-            .expect("valid metric"),
+            "cachegate_auth_total",
+            "Session gate decisions by rule and result.",
+            &["rule", "result"],
         );
-        let store_errors = register(
+        let store_errors = counter_vec(
             &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "cachegate_store_errors_total",
-                    "Store calls that failed, timed out or were refused by the breaker.",
-                ),
-                &["op"],
-            )
-            .expect("valid metric"),
+            "cachegate_store_errors_total",
+            "Store calls that failed, timed out or were refused by the breaker.",
+            &["op"],
         );
         let store_duration = register(
             &registry,
@@ -135,172 +189,167 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
-        let stale_generation_misses = register(
+        let refreshes = counter_vec(
             &registry,
-            IntCounter::new(
+            "cachegate_background_refreshes_total",
+            "Background refreshes of stale entries (stale-while-revalidate) by result.",
+            &["result"],
+        );
+        let reloads = counter_vec(
+            &registry,
+            "cachegate_config_reloads_total",
+            "Configuration reloads (SIGHUP or admin POST /reload) by result.",
+            &["result"],
+        );
+        let metrics = Metrics {
+            store_errors: Counters::new(&store_errors, &[]),
+            store_duration: StoreOp::ALL
+                .iter()
+                .map(|op| store_duration.with_label_values(&[op.as_str()]))
+                .collect(),
+            stale_generation_misses: counter(
+                &registry,
                 "cachegate_stale_generation_misses_total",
                 "Entries found but dead because a tag was purged after they were filled.",
-            )
-            .expect("valid metric"),
-        );
-        let purge_queue_depth = register(
-            &registry,
-            IntGauge::new(
+            ),
+            purge_queue_depth: gauge(
+                &registry,
                 "cachegate_purge_queue_depth",
                 "Tag bumps waiting for the store to come back.",
-            )
-            .expect("valid metric"),
-        );
-        let store_up = register(
-            &registry,
-            IntGauge::new(
+            ),
+            store_up: gauge(
+                &registry,
                 "cachegate_store_up",
                 "1 when the last store probe succeeded.",
-            )
-            .expect("valid metric"),
-        );
-        let connections = register(
-            &registry,
-            IntGauge::new(
+            ),
+            connections: gauge(
+                &registry,
                 "cachegate_open_connections",
                 "Client connections currently open.",
-            )
-            .expect("valid metric"),
-        );
-        let admin_auth_failures = register(
-            &registry,
-            IntCounter::new(
-                "cachegate_admin_auth_failures_total",
-                "Admin API requests refused for a missing or wrong token, or rate-limited after repeated failures.",
-            )
-            .expect("valid metric"),
-        );
-        let auth_weak_secret = register(
-            &registry,
-            IntGauge::new(
-                "cachegate_auth_weak_secret",
-                "1 when the JWT HMAC secret is shorter than 16 bytes (auth.allow_weak_jwt_secret).",
-            )
-            .expect("valid metric"),
-        );
-        let store_bytes = register(
-            &registry,
-            IntGauge::new(
-                "cachegate_store_bytes",
-                "Bytes held by the embedded store, each item weighed with its bookkeeping overhead.",
-            )
-            .expect("valid metric"),
-        );
-        let store_entries = register(
-            &registry,
-            IntGauge::new(
-                "cachegate_store_entries",
-                "Items held by the embedded store (entries, generations, sessions).",
-            )
-            .expect("valid metric"),
-        );
-        let fill_waiters = register(
-            &registry,
-            IntGauge::new(
+            ),
+            lock_wait: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "cachegate_lock_wait_seconds",
+                        "Time a request waited for another request's fill of the same key.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid metric"),
+            ),
+            fill_waiters: gauge(
+                &registry,
                 "cachegate_fill_waiters",
                 "Requests waiting right now for another request's fill of the same key.",
-            )
-            .expect("valid metric"),
-        );
-        let lock_wait = register(
-            &registry,
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "cachegate_lock_wait_seconds",
-                    "Time a request waited for another request's fill of the same key.",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-            )
-            .expect("valid metric"),
-        );
-        let refreshes_vec = register(
-            &registry,
-            IntCounterVec::new(
-                Opts::new(
-                    "cachegate_background_refreshes_total",
-                    "Background refreshes of stale entries (stale-while-revalidate) by result.",
-                ),
-                &["result"],
-            )
-            .expect("valid metric"),
-        );
-        let refreshes = REFRESH_RESULTS
-            .iter()
-            .map(|r| refreshes_vec.with_label_values(&[r]))
-            .collect();
-        let rules = rule_names
-            .iter()
-            .copied()
-            .chain(std::iter::once(crate::rules::UNMATCHED))
-            .map(|name| RuleMetrics {
-                outcomes: Outcome::ALL
-                    .iter()
-                    .map(|o| requests.with_label_values(&[name, o.as_str()]))
-                    .collect(),
-                auth: crate::auth::RESULTS
-                    .iter()
-                    .map(|r| auth.with_label_values(&[name, r]))
-                    .collect(),
-                purges: crate::purge::Trigger::ALL
-                    .iter()
-                    .map(|t| purges.with_label_values(&[name, t.as_str()]))
-                    .collect(),
-                upstream: upstream.with_label_values(&[name]),
-            })
-            .collect();
-        let store_errors_h = Op::ALL
-            .iter()
-            .map(|op| store_errors.with_label_values(&[op.as_str()]))
-            .collect();
-        let store_duration_h = Op::ALL
-            .iter()
-            .map(|op| store_duration.with_label_values(&[op.as_str()]))
-            .collect();
-        Metrics {
+            ),
+            admin_auth_failures: counter(
+                &registry,
+                "cachegate_admin_auth_failures_total",
+                "Admin API requests refused for a missing or wrong token, or rate-limited after repeated failures.",
+            ),
+            auth_weak_secret: gauge(
+                &registry,
+                "cachegate_auth_weak_secret",
+                "1 when the JWT HMAC secret is shorter than 16 bytes (auth.allow_weak_jwt_secret).",
+            ),
+            store_bytes: gauge(
+                &registry,
+                "cachegate_store_bytes",
+                "Bytes held by the embedded store, each item weighed with its bookkeeping overhead.",
+            ),
+            store_entries: gauge(
+                &registry,
+                "cachegate_store_entries",
+                "Items held by the embedded store (entries, generations, sessions).",
+            ),
+            refreshes: Counters::new(&refreshes, &[]),
+            reloads: Counters::new(&reloads, &[]),
+            last_reload_success: gauge(
+                &registry,
+                "cachegate_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load (start or reload).",
+            ),
+            rules: Mutex::new(HashMap::new()),
+            requests,
+            auth,
+            purges,
+            upstream,
             registry,
-            rules,
-            store_errors: store_errors_h,
-            store_duration: store_duration_h,
-            stale_generation_misses,
-            purge_queue_depth,
-            store_up,
-            connections,
-            lock_wait,
-            fill_waiters,
-            admin_auth_failures,
-            auth_weak_secret,
-            store_bytes,
-            store_entries,
-            refreshes,
+        };
+        metrics.rule(UNMATCHED);
+        metrics
+    }
+
+    fn rules(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<RuleMetrics>>> {
+        self.rules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handles of a rule (`UNMATCHED` for requests no rule matched), created on first
+    /// use and kept while the rule exists.
+    pub fn rule(&self, name: &str) -> Arc<RuleMetrics> {
+        let mut rules = self.rules();
+        if let Some(r) = rules.get(name) {
+            return r.clone();
+        }
+        let r = Arc::new(RuleMetrics {
+            outcomes: Counters::new(&self.requests, &[name]),
+            auth: Counters::new(&self.auth, &[name]),
+            purges: Counters::new(&self.purges, &[name]),
+            upstream: self.upstream.with_label_values(&[name]),
+        });
+        rules.insert(name.to_string(), r.clone());
+        r
+    }
+
+    /// Drop the series of every rule not in `names` (a reload removed them).
+    pub fn retain_rules(&self, names: &[&str]) {
+        let mut rules = self.rules();
+        let gone: Vec<String> = rules
+            .keys()
+            .filter(|n| n.as_str() != UNMATCHED && !names.contains(&n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            rules.remove(&name);
+            for o in Outcome::ALL {
+                let _ = self.requests.remove_label_values(&[&name, o.as_str()]);
+            }
+            for r in AuthResult::ALL {
+                let _ = self.auth.remove_label_values(&[&name, r.as_str()]);
+            }
+            for t in Trigger::ALL {
+                let _ = self.purges.remove_label_values(&[&name, t.as_str()]);
+            }
+            let _ = self.upstream.remove_label_values(&[&name]);
         }
     }
 
-    /// Handles of a rule; `None` selects the unmatched label.
-    pub fn rule(&self, index: Option<usize>) -> &RuleMetrics {
-        let i = index
-            .unwrap_or(self.rules.len() - 1)
-            .min(self.rules.len() - 1);
-        &self.rules[i]
+    pub fn store_error(&self, op: StoreOp) {
+        self.store_errors.inc(op);
     }
 
-    pub fn store_error(&self, op: Op, _why: &'static str) {
-        self.store_errors[op as usize].inc();
+    pub fn store_duration(&self, op: StoreOp, d: Duration) {
+        self.store_duration[op.index()].observe(d.as_secs_f64());
     }
 
-    pub fn store_duration(&self, op: Op, d: Duration) {
-        self.store_duration[op as usize].observe(d.as_secs_f64());
+    /// Count a background refresh.
+    pub fn refresh(&self, result: RefreshResult) {
+        self.refreshes.inc(result);
     }
 
-    /// Count a background refresh (`result` is one of `REFRESH_RESULTS`).
-    pub fn refresh(&self, result: &str) {
-        if let Some(i) = REFRESH_RESULTS.iter().position(|r| *r == result) {
-            self.refreshes[i].inc();
+    /// Count a configuration reload; a success also stamps the time.
+    pub fn reload(&self, result: ReloadResult) {
+        self.reloads.inc(result);
+        if result == ReloadResult::Success {
+            self.loaded();
         }
+    }
+
+    /// Stamp a successful configuration load.
+    pub fn loaded(&self) {
+        self.last_reload_success
+            .set(crate::clock::now_s().min(i64::MAX as u64) as i64);
     }
 
     pub fn registry(&self) -> &Registry {
@@ -318,34 +367,16 @@ impl Metrics {
     }
 }
 
-impl RuleMetrics {
-    pub fn outcome(&self, o: Outcome) {
-        self.outcomes[o as usize].inc();
-    }
-
-    /// Count a purge.
-    pub fn purge(&self, trigger: crate::purge::Trigger) {
-        self.purges[trigger as usize].inc();
-    }
-
-    /// Count a session gate decision (`result` is one of `auth::RESULTS`).
-    pub fn auth(&self, result: &str) {
-        if let Some(i) = crate::auth::RESULTS.iter().position(|r| *r == result) {
-            self.auth[i].inc();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn counts_render_with_rule_labels() {
-        let m = Metrics::new(&["user"]);
-        m.rule(Some(0)).outcome(Outcome::Hit);
-        m.rule(None).outcome(Outcome::Bypass);
-        m.store_error(Op::Lookup, "timeout");
+        let m = Metrics::new();
+        m.rule("user").outcome(Outcome::Hit);
+        m.rule(UNMATCHED).outcome(Outcome::Bypass);
+        m.store_error(StoreOp::Lookup);
         let text = m.render();
         assert!(
             text.contains("cachegate_requests_total{outcome=\"hit\",rule=\"user\"} 1"),
@@ -359,5 +390,17 @@ mod tests {
             text.contains("cachegate_store_errors_total{op=\"lookup\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_removed_rule_takes_its_series_with_it() {
+        let m = Metrics::new();
+        m.rule("old").outcome(Outcome::Hit);
+        m.rule("kept").outcome(Outcome::Miss);
+        m.retain_rules(&["kept"]);
+        let text = m.render();
+        assert!(!text.contains("rule=\"old\""), "{text}");
+        assert!(text.contains("rule=\"kept\""), "{text}");
+        assert!(text.contains("rule=\"none\""), "{text}");
     }
 }

@@ -18,26 +18,8 @@ use tokio::sync::Notify;
 
 use crate::cache::Cache;
 use crate::cache::key::{Id, global_tag};
-use crate::metrics::Metrics;
-
-/// Why a purge happened, as labelled in `cachegate_purges_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    Write,
-    Admin,
-    Logout,
-}
-
-impl Trigger {
-    pub const ALL: [Trigger; 3] = [Trigger::Write, Trigger::Admin, Trigger::Logout];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Write => "write",
-            Trigger::Admin => "admin",
-            Trigger::Logout => "logout",
-        }
-    }
-}
+pub use crate::labels::Trigger;
+use crate::metrics::{Metrics, RuleMetrics};
 
 /// Tags queued while the store was unreachable.
 struct Queue {
@@ -104,12 +86,12 @@ impl Purger {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Bump `tags` now, or queue them.
-    pub async fn purge(&self, tags: &[Id], trigger: Trigger, rule: Option<usize>) -> Purged {
+    /// Bump `tags` now, or queue them; counted against `rule`.
+    pub async fn purge(&self, tags: &[Id], trigger: Trigger, rule: &RuleMetrics) -> Purged {
         if tags.is_empty() {
             return Purged::Done;
         }
-        self.metrics.rule(rule).purge(trigger);
+        rule.purge(trigger);
         self.epoch.fetch_add(1, Ordering::AcqRel);
         match self.cache.bump(tags).await {
             Ok(()) => Purged::Done,
@@ -211,13 +193,13 @@ impl Purger {
 mod tests {
     use super::*;
     use crate::cache::key::tag_id;
-    use crate::cache::memory::MemoryStore;
     use crate::cache::store::Guarded;
+    use crate::cache::store::memory::MemoryStore;
 
     fn purger(capacity: usize) -> Purger {
-        let metrics = Arc::new(Metrics::new(&[]));
+        let metrics = Arc::new(Metrics::new());
         let store = Arc::new(Guarded::new(
-            Arc::new(MemoryStore::new(1 << 20, "t:")),
+            Arc::new(MemoryStore::new(1 << 20)),
             Duration::from_millis(100),
             metrics.clone(),
         ));

@@ -17,20 +17,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::cache::Cache;
-use crate::cache::memory::MemoryStore;
-use crate::cache::redis::RedisStore;
-use crate::cache::store::{Guarded, Store};
-use crate::config::{Config, StoreBackend};
-use crate::metrics::Metrics;
-use crate::proxy::Engine;
-use crate::proxy::body::ProxyBody;
-use crate::proxy::upstream::Upstream;
-use crate::purge::Purger;
-
-/// Tag bumps held while the store is unreachable; past this the queue becomes one purge of
-/// everything.
-const PURGE_QUEUE: usize = 10_000;
+use crate::app::{App, AppError};
+use crate::body::ProxyBody;
+use crate::config::Config;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,80 +29,31 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot set up the store: {0}")]
-    Store(String),
+    #[error(transparent)]
+    App(#[from] AppError),
 }
 
 /// A started server.
 pub struct Running {
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
-    pub engine: Arc<Engine>,
+    pub app: Arc<App>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-impl Engine {
-    /// Build the engine (store, cache, upstream client, metrics) from a config.
-    pub fn new(config: Config) -> Result<Arc<Engine>, StartError> {
-        let names: Vec<&str> = config.rules.rules().iter().map(|r| &*r.name).collect();
-        let metrics = Arc::new(Metrics::new(&names));
-        let store: Arc<dyn Store> = match &config.store.backend {
-            StoreBackend::Memory { max_bytes } => {
-                Arc::new(MemoryStore::new(*max_bytes, &config.store.prefix))
-            }
-            StoreBackend::Redis { url, password } => Arc::new(
-                RedisStore::connect_lazy(url, password.as_deref(), config.store.timeout)
-                    .map_err(|e| StartError::Store(e.to_string()))?,
-            ),
-        };
-        let guarded = Arc::new(Guarded::new(store, config.store.timeout, metrics.clone()));
-        let cache = Arc::new(Cache::new(
-            guarded,
-            &config.store.prefix,
-            generation_ttl(&config),
-            config.cache.max_object_size,
-        ));
-        let upstream = Upstream::new(&config.upstream);
-        let purger = Arc::new(Purger::new(cache.clone(), metrics.clone(), PURGE_QUEUE));
-        Ok(Arc::new(Engine {
-            config: Arc::new(config),
-            cache,
-            purger,
-            upstream,
-            metrics,
-        }))
-    }
-
-    /// Ready to serve: `Err` says why not.
-    pub fn readiness(&self) -> Result<(), String> {
-        self.cache.store().ready()
-    }
-}
-
-/// Generation keys must outlive every entry that recorded them: the longest time any rule
-/// keeps an entry (freshness + stale windows + the revalidation keep), plus a margin.
-fn generation_ttl(config: &Config) -> Duration {
-    let longest = config
-        .rules
-        .rules()
-        .iter()
-        .map(|r| {
-            let ttl = r.ttl.unwrap_or_default();
-            ttl * 2 + r.stale_while_revalidate.max(r.stale_if_error)
-        })
-        .max()
-        .unwrap_or_default();
-    longest + Duration::from_secs(3600)
-}
-
-/// Bind the listeners and start serving.
+/// Build the application from `config` and start serving (reloads are refused: there is
+/// no file to read again).
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let listen = config.server.listen;
-    let admin_listen = config.server.admin_listen;
-    let engine = Engine::new(config)?;
-    if engine.config.auth.weak_secret {
-        engine.metrics.auth_weak_secret.set(1);
+    start_app(App::new(config, None)?).await
+}
+
+/// Bind the listeners and start serving `app`.
+pub async fn start_app(app: Arc<App>) -> Result<Running, StartError> {
+    let live = app.live();
+    let listen = live.config.server.listen;
+    let admin_listen = live.config.server.admin_listen;
+    if live.config.auth.weak_secret {
         tracing::warn!(
             "auth.allow_weak_jwt_secret: the JWT secret is shorter than 16 bytes; tokens signed with it are easier to forge"
         );
@@ -145,16 +85,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         })?;
     let (stop, stopped) = watch::channel(false);
     let tasks = vec![
-        tokio::spawn(serve_proxy(engine.clone(), proxy_listener, stopped.clone())),
-        tokio::spawn(serve_admin(engine.clone(), admin_listener, stopped.clone())),
-        tokio::spawn(probe_store(engine.clone(), stopped.clone())),
-        tokio::spawn(engine.purger.clone().run(stopped)),
+        tokio::spawn(serve_proxy(app.clone(), proxy_listener, stopped.clone())),
+        tokio::spawn(serve_admin(app.clone(), admin_listener, stopped.clone())),
+        tokio::spawn(probe_store(app.clone(), stopped.clone())),
+        tokio::spawn(app.purger.clone().run(stopped)),
     ];
-    tracing::info!(%addr, %admin_addr, store = engine.cache.store().kind(), "cachegate listening");
+    tracing::info!(%addr, %admin_addr, store = app.cache.store().kind(), "cachegate listening");
     Ok(Running {
         addr,
         admin_addr,
-        engine,
+        app,
         stop,
         tasks,
     })
@@ -176,8 +116,7 @@ struct Builders {
     h2: hyper::server::conn::http2::Builder<TokioExecutor>,
 }
 
-fn builders(engine: &Engine) -> Builders {
-    let server = &engine.config.server;
+fn builders(server: &crate::config::ServerConfig) -> Builders {
     // Each connection's own watchdog enforces header_read_timeout from accept (both
     // protocols) and idle_timeout between requests; hyper's HTTP/1 head timer would also
     // cut idle keep-alive connections at header_read_timeout.
@@ -424,7 +363,7 @@ pub struct Tracked {
 
 impl http_body::Body for Tracked {
     type Data = bytes::Bytes;
-    type Error = crate::proxy::body::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
@@ -442,14 +381,10 @@ impl http_body::Body for Tracked {
     }
 }
 
-async fn serve_proxy(
-    engine: Arc<Engine>,
-    listener: TcpListener,
-    mut stopped: watch::Receiver<bool>,
-) {
-    let builders = Arc::new(builders(&engine));
+async fn serve_proxy(app: Arc<App>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
     let conns = Arc::new(Conns::new());
-    let limit = Arc::new(Semaphore::new(engine.config.server.max_connections));
+    // The connection limit needs a restart to change; everything else follows reloads.
+    let limit = Arc::new(Semaphore::new(app.live().config.server.max_connections));
     let drained = Arc::new(Notify::new());
     loop {
         let (stream, peer) = tokio::select! {
@@ -478,17 +413,12 @@ async fn serve_proxy(
         };
         let _ = stream.set_nodelay(true);
         let (id, conn) = conns.add();
-        let metrics = engine.metrics.clone();
+        let metrics = app.metrics.clone();
         metrics.connections.inc();
-        let (engine, builders, conns, stopped, drained) = (
-            engine.clone(),
-            builders.clone(),
-            conns.clone(),
-            stopped.clone(),
-            drained.clone(),
-        );
+        let (app, conns, stopped, drained) =
+            (app.clone(), conns.clone(), stopped.clone(), drained.clone());
         tokio::spawn(async move {
-            serve_connection(engine, &builders, stream, peer, &conn, &conns, stopped).await;
+            serve_connection(app, stream, peer, &conn, &conns, stopped).await;
             conns.remove(id);
             metrics.connections.dec();
             drop(permit);
@@ -496,7 +426,7 @@ async fn serve_proxy(
         });
     }
     drop(listener);
-    let grace = engine.config.server.shutdown_grace;
+    let grace = app.live().config.server.shutdown_grace;
     tracing::info!(
         grace_s = grace.as_secs_f64(),
         "shutting down: draining in-flight requests"
@@ -520,15 +450,16 @@ async fn serve_proxy(
 
 /// Serve one client connection: tell the protocol, then serve it under its time limits.
 async fn serve_connection(
-    engine: Arc<Engine>,
-    builders: &Builders,
+    app: Arc<App>,
     mut stream: TcpStream,
     peer: SocketAddr,
     conn: &Arc<Conn>,
     conns: &Arc<Conns>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let server = engine.config.server.clone();
+    // A connection keeps the limits that were live when it was accepted.
+    let server = app.live().config.server.clone();
+    let builders = builders(&server);
     // The protocol is told within the same header_read_timeout as the first request head:
     // a silent socket, or one that sends half of the HTTP/2 preface, is closed on time.
     let sniffed = tokio::select! {
@@ -548,9 +479,9 @@ async fn serve_connection(
     let (conn_c, conns_c) = (conn.clone(), conns.clone());
     let service = service_fn(move |req| {
         let guard = InFlight::enter(&conn_c, &conns_c);
-        let engine = engine.clone();
+        let app = app.clone();
         async move {
-            let resp = engine.handle(req, peer).await;
+            let resp = crate::proxy::handle(&app, req, peer).await;
             Ok::<_, std::convert::Infallible>(resp.map(|inner| Tracked {
                 inner,
                 _guard: guard,
@@ -644,11 +575,7 @@ async fn watch_connection<C: std::future::Future>(
     let _ = tokio::time::timeout(CLOSE_GRACE, served).await;
 }
 
-async fn serve_admin(
-    engine: Arc<Engine>,
-    listener: TcpListener,
-    mut stopped: watch::Receiver<bool>,
-) {
+async fn serve_admin(app: Arc<App>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -666,14 +593,14 @@ async fn serve_admin(
             },
             _ = stopped.changed() => break,
         };
-        let engine = engine.clone();
+        let app = app.clone();
         let limiter = limiter.clone();
         let service = service_fn(move |req| {
-            let engine = engine.clone();
+            let app = app.clone();
             let limiter = limiter.clone();
             async move {
                 Ok::<_, std::convert::Infallible>(
-                    crate::admin::handle(engine, &limiter, req, peer).await,
+                    crate::admin::handle(app, &limiter, req, peer).await,
                 )
             }
         });
@@ -685,7 +612,7 @@ async fn serve_admin(
 }
 
 /// Probe the store every second: drives readiness and closes the breaker once it answers.
-async fn probe_store(engine: Arc<Engine>, mut stopped: watch::Receiver<bool>) {
+async fn probe_store(app: Arc<App>, mut stopped: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -693,7 +620,7 @@ async fn probe_store(engine: Arc<Engine>, mut stopped: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stopped.changed() => break,
         }
-        let up = engine.cache.store().probe().await;
-        engine.metrics.store_up.set(up as i64);
+        let up = app.cache.store().probe().await;
+        app.metrics.store_up.set(up as i64);
     }
 }

@@ -251,9 +251,7 @@ fn map_error(kind: &jsonwebtoken::errors::ErrorKind) -> Failure {
     }
 }
 
-pub fn now_s() -> u64 {
-    crate::cache::policy::now_ms() / 1000
-}
+pub use crate::clock::now_s;
 
 /// `exp` and `nbf` with leeway (RFC 7519 §4.1.4-5); a non-numeric value is malformed.
 fn check_times(claims: &Claims, leeway_s: u64, now: u64) -> Result<(), Failure> {

@@ -3,16 +3,23 @@
 //!
 //! A request is authenticated when its bearer token is well formed, passes the JWT checks,
 //! and equals byte for byte (in constant time) the value at its subject's session key. A newer
-//! login overwrites that key, so older tokens stop working at once. This module decides; it
-//! never talks to the store and never logs or echoes a token.
+//! login overwrites that key, so older tokens stop working at once. `Gate` decides; the
+//! sessions themselves are read and written through `session::SessionStore`. Nothing here
+//! logs or echoes a token.
 
 pub mod jwt;
+pub mod session;
+
+use std::borrow::Cow;
 
 use http::HeaderMap;
 use http::header;
 use serde_json::Value;
 use subtle::ConstantTimeEq;
 
+use crate::cache::key::SessionKey;
+use crate::labels::AuthResult;
+use crate::routing::template::{Pattern, Syntax};
 use jwt::{Claims, Verifier};
 
 /// Why a request was refused with 401.
@@ -46,61 +53,14 @@ impl Failure {
     }
 
     /// The `result` label of `cachegate_auth_total`.
-    pub fn metric(self) -> &'static str {
+    pub fn result(self) -> AuthResult {
         match self {
-            Failure::MissingToken => "missing_token",
-            Failure::Malformed => "malformed",
-            Failure::InvalidSignature => "invalid_signature",
-            Failure::Expired => "expired",
-            Failure::Superseded => "superseded",
-            Failure::SessionMissing => "session_missing",
-        }
-    }
-}
-
-/// Every `result` label of `cachegate_auth_total`, in index order.
-pub const RESULTS: [&str; 8] = [
-    "valid",
-    "missing_token",
-    "malformed",
-    "invalid_signature",
-    "expired",
-    "superseded",
-    "session_missing",
-    "store_error",
-];
-
-/// Who may pass a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Policy {
-    /// Untouched: no check, Authorization passed through.
-    None,
-    /// A valid session is needed.
-    Required,
-    /// Checked when a bearer is present; anonymous otherwise.
-    Optional,
-}
-
-impl Policy {
-    /// The stricter of two policies (`required` > `optional` > `none`).
-    pub fn stricter(self, other: Policy) -> Policy {
-        let rank = |p: Policy| match p {
-            Policy::None => 0,
-            Policy::Optional => 1,
-            Policy::Required => 2,
-        };
-        if rank(other) > rank(self) {
-            other
-        } else {
-            self
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::None => "none",
-            Policy::Required => "required",
-            Policy::Optional => "optional",
+            Failure::MissingToken => AuthResult::MissingToken,
+            Failure::Malformed => AuthResult::Malformed,
+            Failure::InvalidSignature => AuthResult::InvalidSignature,
+            Failure::Expired => AuthResult::Expired,
+            Failure::Superseded => AuthResult::Superseded,
+            Failure::SessionMissing => AuthResult::SessionMissing,
         }
     }
 }
@@ -137,17 +97,10 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, Failure> {
     Ok(Some(token))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Lit(String),
-    Claim(String),
-}
-
 /// A key template over JWT claims, such as `user_token:{sub}`.
 #[derive(Debug, Clone)]
 pub struct SessionTemplate {
-    pub source: String,
-    parts: Vec<Part>,
+    pattern: Pattern,
 }
 
 /// Longest claim value accepted into a session key.
@@ -155,66 +108,53 @@ const MAX_CLAIM_LEN: usize = 256;
 
 impl SessionTemplate {
     pub fn parse(source: &str) -> Result<SessionTemplate, String> {
-        let mut parts = Vec::new();
-        let mut rest = source;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Lit(rest[..open].to_string()));
-            }
-            let close = rest[open..].find('}').ok_or("a '{' has no matching '}'")?;
-            let name = &rest[open + 1..open + close];
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("{{{name}}} is not a claim name"));
-            }
-            parts.push(Part::Claim(name.to_string()));
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err("a '}' has no matching '{'".into());
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Lit(rest.to_string()));
-        }
-        if !parts.iter().any(|p| matches!(p, Part::Claim(_))) {
+        let pattern = Pattern::parse(source, Syntax::Text).map_err(|e| {
+            // The one template syntax names "parameters"; here they are claims.
+            e.replace(
+                "is not a name of letters, digits and '_'",
+                "is not a claim name",
+            )
+        })?;
+        if pattern.names().next().is_none() {
             return Err("must name at least one claim, e.g. \"user_token:{sub}\"".into());
         }
-        Ok(SessionTemplate {
-            source: source.to_string(),
-            parts,
-        })
+        Ok(SessionTemplate { pattern })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.pattern.source
     }
 
     /// The claims the template names, in order.
     pub fn claims(&self) -> impl Iterator<Item = &str> {
-        self.parts.iter().filter_map(|p| match p {
-            Part::Claim(c) => Some(c.as_str()),
-            Part::Lit(_) => None,
-        })
+        self.pattern.names()
     }
 
     /// Render from a token's claims.
-    pub fn render(&self, claims: &Claims) -> Result<String, Failure> {
-        let mut out = String::with_capacity(self.source.len() + 16);
-        for p in &self.parts {
-            match p {
-                Part::Lit(s) => out.push_str(s),
-                Part::Claim(name) => out.push_str(&claim_text(claims, name)?),
-            }
+    pub fn render(&self, claims: &Claims) -> Result<SessionKey, Failure> {
+        let mut bad = false;
+        let key = self
+            .pattern
+            .render(|name| match claim_text(claims, name) {
+                Ok(t) => Some(Cow::Owned(t)),
+                Err(_) => {
+                    bad = true;
+                    None
+                }
+            })
+            .map_err(|_| Failure::Malformed)?;
+        if bad {
+            return Err(Failure::Malformed);
         }
-        Ok(out)
+        Ok(SessionKey(key))
     }
 
     /// Render for one subject (admin calls): only when the subject is the sole claim.
-    pub fn render_subject(&self, subject_claim: &str, sub: &str) -> Option<String> {
-        let mut out = String::new();
-        for p in &self.parts {
-            match p {
-                Part::Lit(s) => out.push_str(s),
-                Part::Claim(name) if name == subject_claim => out.push_str(sub),
-                Part::Claim(_) => return None,
-            }
-        }
-        Some(out)
+    pub fn render_subject(&self, subject_claim: &str, sub: &str) -> Option<SessionKey> {
+        self.pattern
+            .render(|name| (name == subject_claim).then_some(Cow::Borrowed(sub)))
+            .ok()
+            .map(SessionKey)
     }
 }
 
@@ -240,7 +180,7 @@ pub fn valid_subject(s: &str) -> bool {
 pub struct Claimed {
     pub sub: String,
     pub token: String,
-    pub session_key: String,
+    pub session_key: SessionKey,
     /// The token's `exp`, when it has one.
     pub exp: Option<u64>,
 }
@@ -392,7 +332,7 @@ mod tests {
         let expired = Claimed {
             sub: "1".into(),
             token: "t".into(),
-            session_key: "user_token:1".into(),
+            session_key: SessionKey("user_token:1".into()),
             exp: Some(jwt::now_s() - 10),
         };
         gate.memo.0.insert("t".into(), expired);
@@ -405,7 +345,7 @@ mod tests {
     fn templates_render_from_claims() {
         let t = SessionTemplate::parse("session:{tenant}:{sub}").unwrap();
         let claims: Claims = serde_json::from_str(r#"{"tenant":"acme","sub":42}"#).unwrap();
-        assert_eq!(t.render(&claims).unwrap(), "session:acme:42");
+        assert_eq!(t.render(&claims).unwrap().0, "session:acme:42");
         let bad: Claims = serde_json::from_str(r#"{"tenant":"a b","sub":1}"#).unwrap();
         assert_eq!(t.render(&bad), Err(Failure::Malformed));
         let missing: Claims = serde_json::from_str(r#"{"sub":1}"#).unwrap();
@@ -416,7 +356,7 @@ mod tests {
             "another claim is needed"
         );
         let t = SessionTemplate::parse("user_token:{sub}").unwrap();
-        assert_eq!(t.render_subject("sub", "7").unwrap(), "user_token:7");
+        assert_eq!(t.render_subject("sub", "7").unwrap().0, "user_token:7");
         assert!(SessionTemplate::parse("static").is_err());
         assert!(SessionTemplate::parse("a:{b c}").is_err());
     }

@@ -1,4 +1,7 @@
-//! Cache keys and tag generation keys: stable 128-bit blake3 hashes, hex-encoded under the prefix.
+//! The store's key layout, in one place: entry, tag generation and lease keys are stable
+//! 128-bit blake3 hashes, hex-encoded under the prefix; session keys are exactly what the
+//! session template renders. Each kind has its own type, so a store never has to guess what
+//! a key is from its bytes.
 //!
 //! Every part is streamed into the hasher with its length, so no two different requests
 //! can produce the same input, and no request byte ever appears in a Redis key or pattern.
@@ -50,6 +53,52 @@ impl Id {
 pub const ENTRY: u8 = b'e';
 pub const GENERATION: u8 = b'g';
 pub const LOCK: u8 = b'l';
+
+/// The store key of a cached response: `{prefix}e:{hex}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EntryKey(pub Vec<u8>);
+
+/// The store key of a tag's generation: `{prefix}g:{hex}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct GenKey(pub Vec<u8>);
+
+/// The store key of a fill lease across instances: `{prefix}l:{hex}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct LeaseKey(pub Vec<u8>);
+
+/// The store key of a user's session, exactly as `[auth] session_key` renders it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey(pub String);
+
+/// Builds the hashed keys under one prefix.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Keys {
+        Keys {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn entry(&self, id: &Id) -> EntryKey {
+        EntryKey(id.redis_key(&self.prefix, ENTRY))
+    }
+
+    pub fn generation(&self, tag: &Id) -> GenKey {
+        GenKey(tag.redis_key(&self.prefix, GENERATION))
+    }
+
+    pub fn lease(&self, id: &Id) -> LeaseKey {
+        LeaseKey(id.redis_key(&self.prefix, LOCK))
+    }
+}
 
 fn part(h: &mut blake3::Hasher, bytes: &[u8]) {
     h.update(&(bytes.len() as u64).to_le_bytes());

@@ -1,9 +1,9 @@
-//! The cache: keys, the entry envelope, cacheability policy, stores, coalescing, and the
-//! tag-generation bookkeeping that makes purges O(tags).
+//! The cache: keys, the entry envelope, cacheability policy, revalidation, the store,
+//! fill-once coordination, and the tag-generation bookkeeping that makes purges O(tags).
 //!
 //! `Cache` gives the proxy meaning-level operations (look up an entry together with its tag
 //! generations, record generations for a fill, store an entry, bump tags) on top of the
-//! store primitives. It never sees an HTTP message.
+//! guarded store. It never sees an HTTP message.
 //!
 //! Generations: each tag has a key `{prefix}g:{hash(tag)}` holding a random 64-bit value. A
 //! fill records the values it read before asking the upstream (initializing absent keys
@@ -13,12 +13,11 @@
 //! (refreshed by each fill); a lost or evicted key reads as absent, which never equals a
 //! recorded value, so losing one can only cause misses, never stale hits.
 
+pub mod coalesce;
 pub mod entry;
-pub mod flight;
 pub mod key;
-pub mod memory;
 pub mod policy;
-pub mod redis;
+pub mod revalidate;
 pub mod store;
 
 use std::hash::{BuildHasher, Hasher};
@@ -29,62 +28,15 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use entry::Entry;
-use key::Id;
-use store::{Guarded, Op, StoreError};
-
-/// What happened to one request, as logged, counted and reported in `Cache-Status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Served from a fresh stored entry.
-    Hit,
-    /// Fetched from the upstream and stored (or being stored).
-    Miss,
-    /// Served from a stale entry (while revalidating, or because the upstream failed).
-    Stale,
-    /// The cache was not consulted (no cache rule, unsafe method, store unavailable...).
-    Bypass,
-    /// Fetched from the upstream; the response may not be stored.
-    Uncacheable,
-    /// cachegate answered with an error.
-    Error,
-    /// A stale entry was revalidated with the upstream (304) and served.
-    Revalidated,
-    /// Served from another request's concurrent fill.
-    Coalesced,
-}
-
-impl Outcome {
-    pub const ALL: [Outcome; 8] = [
-        Outcome::Hit,
-        Outcome::Miss,
-        Outcome::Stale,
-        Outcome::Bypass,
-        Outcome::Uncacheable,
-        Outcome::Error,
-        Outcome::Revalidated,
-        Outcome::Coalesced,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Hit => "hit",
-            Outcome::Miss => "miss",
-            Outcome::Stale => "stale",
-            Outcome::Bypass => "bypass",
-            Outcome::Uncacheable => "uncacheable",
-            Outcome::Error => "error",
-            Outcome::Revalidated => "revalidated",
-            Outcome::Coalesced => "coalesced",
-        }
-    }
-}
+use key::{Id, Keys, SessionKey};
+use store::{Guarded, StoreError};
 
 /// A random 64-bit value (generations, lock tokens). Not secret, only unique.
 pub fn random_u64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u64(policy::now_ms());
+    h.write_u64(crate::clock::now_ms());
     match h.finish() {
         0 => 1,
         v => v,
@@ -114,19 +66,20 @@ pub struct Lookup {
     pub session: Option<Bytes>,
 }
 
+/// Room for an entry's envelope (timeline, generations, headers) beyond its body.
+pub const ENVELOPE_ALLOWANCE: usize = 128 << 10;
+
 /// Meaning-level cache operations over a guarded store.
 pub struct Cache {
     store: Arc<Guarded>,
-    prefix: String,
-    gen_ttl: Duration,
+    keys: Keys,
+    /// How long generation keys live (past the longest entry of any rule); follows reloads.
+    gen_ttl_ms: AtomicU64,
     /// The most bytes an encoded entry may have: what is read of an entry key, and the
-    /// largest entry written.
-    entry_limit: usize,
-    pub flights: flight::Flights,
+    /// largest entry written. Follows `max_object_size` across reloads.
+    entry_limit: AtomicU64,
+    pub flights: coalesce::Flights,
 }
-
-/// Room for an entry's envelope (timeline, generations, headers) beyond its body.
-pub const ENVELOPE_ALLOWANCE: usize = 128 << 10;
 
 fn parse_gen(v: &Option<Bytes>) -> Option<u64> {
     let b = v.as_ref()?;
@@ -146,12 +99,52 @@ impl Cache {
         gen_ttl: Duration,
         max_object_size: usize,
     ) -> Cache {
-        Cache {
+        let cache = Cache {
             store,
-            prefix: prefix.to_string(),
-            gen_ttl,
-            entry_limit: max_object_size + ENVELOPE_ALLOWANCE,
-            flights: flight::Flights::default(),
+            keys: Keys::new(prefix),
+            gen_ttl_ms: AtomicU64::new(0),
+            entry_limit: AtomicU64::new(0),
+            flights: coalesce::Flights::default(),
+        };
+        cache.set_limits(gen_ttl, max_object_size);
+        cache
+    }
+
+    /// Follow a reload: new generation lifetime and entry size bound.
+    pub fn set_limits(&self, gen_ttl: Duration, max_object_size: usize) {
+        self.gen_ttl_ms
+            .store(gen_ttl.as_millis() as u64, Ordering::Relaxed);
+        self.entry_limit.store(
+            (max_object_size + ENVELOPE_ALLOWANCE) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    fn gen_ttl(&self) -> Duration {
+        Duration::from_millis(self.gen_ttl_ms.load(Ordering::Relaxed))
+    }
+
+    fn entry_limit(&self) -> usize {
+        self.entry_limit.load(Ordering::Relaxed) as usize
+    }
+
+    pub fn store(&self) -> &Arc<Guarded> {
+        &self.store
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// How long a finished fill stays joinable after its write: as long as a lookup that
+    /// started before the write may still be on its way back (a store round trip, bounded
+    /// by the command timeout), and no longer, since it holds the whole entry. An
+    /// in-process store answers lookups at once.
+    pub fn write_linger(&self) -> Duration {
+        if self.store.is_local() {
+            Duration::from_millis(1)
+        } else {
+            self.store.timeout()
         }
     }
 
@@ -160,7 +153,7 @@ impl Cache {
     fn found(&self, raw: Option<Bytes>, id: &Id, tags: &[Id], gens: &[Option<u64>]) -> Found {
         match raw {
             None => Found::Absent,
-            Some(bytes) if bytes.len() > self.entry_limit => Found::Corrupt,
+            Some(bytes) if bytes.len() > self.entry_limit() => Found::Corrupt,
             Some(bytes) => match Entry::decode(bytes, id) {
                 Err(_) => Found::Corrupt,
                 Ok(entry) if generations_match(&entry, tags, gens) => Found::Entry(entry),
@@ -169,66 +162,25 @@ impl Cache {
         }
     }
 
-    pub fn store(&self) -> &Arc<Guarded> {
-        &self.store
-    }
-
-    /// How long a finished fill stays joinable after its write: as long as a lookup that
-    /// started before the write may still be on its way back (a store round trip, bounded
-    /// by the command timeout), and no longer, since it holds the whole entry. An
-    /// in-process store answers lookups at once.
-    pub fn write_linger(&self) -> Duration {
-        if self.store.store().is_local() {
-            Duration::from_millis(1)
-        } else {
-            self.store.timeout()
-        }
-    }
-
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    pub fn entry_key(&self, id: &Id) -> Vec<u8> {
-        id.redis_key(&self.prefix, key::ENTRY)
-    }
-
-    pub fn gen_key(&self, tag: &Id) -> Vec<u8> {
-        tag.redis_key(&self.prefix, key::GENERATION)
-    }
-
     /// One round trip: the session value (if asked), the entry, and its tags' generations.
     pub async fn lookup(
         &self,
         id: &Id,
         tags: &[Id],
-        session_key: Option<Vec<u8>>,
+        session: Option<&SessionKey>,
     ) -> Result<Lookup, StoreError> {
-        let with_session = session_key.is_some();
-        let mut small = Vec::with_capacity(1 + tags.len());
-        small.extend(session_key);
-        small.extend(tags.iter().map(|t| self.gen_key(t)));
+        let entry_key = self.keys.entry(id);
+        let gen_keys: Vec<_> = tags.iter().map(|t| self.keys.generation(t)).collect();
         let read = self
             .store
-            .call(
-                Op::Lookup,
-                self.store
-                    .store()
-                    .read(Some((self.entry_key(id), self.entry_limit)), small),
-            )
+            .lookup(Some((&entry_key, self.entry_limit())), session, &gen_keys)
             .await?;
-        let mut values = read.small.into_iter();
-        let session = if with_session {
-            values.next().flatten()
-        } else {
-            None
-        };
-        let gens: Vec<Option<u64>> = values.map(|v| parse_gen(&v)).collect();
+        let gens: Vec<Option<u64>> = read.gens.iter().map(parse_gen).collect();
         let found = self.found(read.entry, id, tags, &gens);
         Ok(Lookup {
             found,
             gens,
-            session,
+            session: read.session,
         })
     }
 
@@ -247,20 +199,17 @@ impl Cache {
         if missing.is_empty() {
             return Ok(out);
         }
-        let items: Vec<(Vec<u8>, Bytes)> = missing
+        let items: Vec<_> = missing
             .iter()
             .map(|&i| {
                 (
-                    self.gen_key(&tags[i]),
+                    self.keys.generation(&tags[i]),
                     Bytes::from(random_u64().to_string()),
                 )
             })
             .collect();
         let proposals: Vec<Bytes> = items.iter().map(|(_, v)| v.clone()).collect();
-        let now = self
-            .store
-            .call(Op::Init, self.store.store().init_many(items, self.gen_ttl))
-            .await?;
+        let now = self.store.init_gens(items, self.gen_ttl()).await?;
         let mut unreadable = Vec::new();
         for (j, &i) in missing.iter().enumerate() {
             match parse_gen(&now.get(j).cloned().flatten()) {
@@ -273,14 +222,9 @@ impl Cache {
             // replacing it invalidates nothing that was valid.
             let items = unreadable
                 .iter()
-                .map(|(i, v)| (self.gen_key(&tags[*i]), v.clone()))
+                .map(|(i, v)| (self.keys.generation(&tags[*i]), v.clone()))
                 .collect();
-            self.store
-                .call(
-                    Op::Init,
-                    self.store.store().set_many(items, Some(self.gen_ttl)),
-                )
-                .await?;
+            self.store.set_gens(items, self.gen_ttl()).await?;
             for (i, v) in unreadable {
                 out[i] = parse_gen(&Some(v)).unwrap_or(0);
             }
@@ -294,21 +238,20 @@ impl Cache {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        let items: Vec<(Vec<u8>, Bytes)> = entries
+        let items: Vec<_> = entries
             .iter()
-            .map(|e| (self.entry_key(&e.key), e.encode()))
+            .map(|e| (self.keys.entry(&e.key), e.encode()))
             .collect();
-        if items.iter().any(|(_, v)| v.len() > self.entry_limit) {
+        if items.iter().any(|(_, v)| v.len() > self.entry_limit()) {
             // Headers past the envelope allowance: it could never be read back whole.
             return Ok(());
         }
-        let touch = first.gens.iter().map(|(t, _)| self.gen_key(t)).collect();
-        self.store
-            .call(
-                Op::Put,
-                self.store.store().put(items, ttl, touch, self.gen_ttl),
-            )
-            .await
+        let touch: Vec<_> = first
+            .gens
+            .iter()
+            .map(|(t, _)| self.keys.generation(t))
+            .collect();
+        self.store.put(items, ttl, &touch, self.gen_ttl()).await
     }
 
     /// Read one more entry (a variant named by a vary marker) against generations already
@@ -319,25 +262,12 @@ impl Cache {
         tags: &[Id],
         gens: &[Option<u64>],
     ) -> Result<Found, StoreError> {
+        let key = self.keys.entry(id);
         let read = self
             .store
-            .call(
-                Op::Lookup,
-                self.store
-                    .store()
-                    .read(Some((self.entry_key(id), self.entry_limit)), Vec::new()),
-            )
+            .lookup(Some((&key, self.entry_limit())), None, &[])
             .await?;
         Ok(self.found(read.entry, id, tags, gens))
-    }
-
-    /// Read a session value (bounded).
-    pub async fn session(&self, key: Vec<u8>) -> Result<Option<Bytes>, StoreError> {
-        let read = self
-            .store
-            .call(Op::Session, self.store.store().read(None, vec![key]))
-            .await?;
-        Ok(read.small.into_iter().next().flatten())
     }
 
     /// Purge: give each tag a new generation (one round trip).
@@ -347,11 +277,14 @@ impl Cache {
         }
         let items = tags
             .iter()
-            .map(|t| (self.gen_key(t), Bytes::from(random_u64().to_string())))
+            .map(|t| {
+                (
+                    self.keys.generation(t),
+                    Bytes::from(random_u64().to_string()),
+                )
+            })
             .collect();
-        self.store
-            .call(Op::Bump, self.store.store().bump(items, self.gen_ttl))
-            .await
+        self.store.bump_gens(items, self.gen_ttl()).await
     }
 }
 
@@ -375,9 +308,9 @@ mod tests {
     use http::{HeaderMap, StatusCode};
 
     fn cache() -> Cache {
-        let metrics = Arc::new(Metrics::new(&[]));
+        let metrics = Arc::new(Metrics::new());
         let store = Arc::new(Guarded::new(
-            Arc::new(memory::MemoryStore::new(1 << 20, "t:")),
+            Arc::new(store::memory::MemoryStore::new(1 << 20)),
             Duration::from_millis(100),
             metrics,
         ));
@@ -450,13 +383,18 @@ mod tests {
         let id = Id([7; 16]);
         let tags = [key::tag_id("t")];
         c.store()
-            .store()
-            .set_many(
-                vec![
-                    (c.entry_key(&id), Bytes::from_static(b"garbage")),
-                    (c.gen_key(&tags[0]), Bytes::from_static(b"zz")),
-                ],
-                None,
+            .put(
+                vec![(c.keys().entry(&id), Bytes::from_static(b"garbage"))],
+                Duration::from_secs(60),
+                &[],
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+        c.store()
+            .set_gens(
+                vec![(c.keys().generation(&tags[0]), Bytes::from_static(b"zz"))],
+                Duration::from_secs(60),
             )
             .await
             .unwrap();

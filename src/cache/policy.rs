@@ -4,11 +4,42 @@
 //! Every refusal has a short static reason, which feeds `Cache-Status: detail=` and the
 //! admin explain endpoint, so "why is this not cached?" always has an answer.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, HeaderName, StatusCode, header};
 
-use crate::config::StatusSet;
+use crate::labels::Reason;
+
+/// The set of response statuses that may be stored (`[cache] statuses`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct StatusSet([u64; 10]);
+
+impl StatusSet {
+    pub fn new(codes: &[u16]) -> Self {
+        let mut bits = [0u64; 10];
+        for &c in codes {
+            if (100..640).contains(&c) {
+                bits[(c / 64) as usize] |= 1 << (c % 64);
+            }
+        }
+        StatusSet(bits)
+    }
+    pub fn contains(&self, code: u16) -> bool {
+        code < 640 && self.0[(code / 64) as usize] & (1 << (code % 64)) != 0
+    }
+    pub fn codes(&self) -> Vec<u16> {
+        (100..600).filter(|c| self.contains(*c)).collect()
+    }
+}
+
+impl std::fmt::Debug for StatusSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.codes()).finish()
+    }
+}
+
+/// The statuses stored when `[cache] statuses` is not set.
+pub const DEFAULT_STATUSES: [u16; 7] = [200, 203, 204, 300, 301, 404, 410];
 
 /// How a rule treats the origin's caching headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -135,14 +166,6 @@ fn directives(text: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
     })
 }
 
-/// Unix time in milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// Parse an HTTP-date header as unix seconds.
 pub fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<u64> {
     let v = headers.get(name)?.to_str().ok()?.trim();
@@ -203,7 +226,7 @@ pub struct Freshness {
 }
 
 /// Why a response was not stored.
-pub type NotStored = &'static str;
+pub type NotStored = Reason;
 
 /// Decide whether a response may be stored and for how long.
 pub fn decide(
@@ -216,26 +239,26 @@ pub fn decide(
     let code = status.as_u16();
     // Never a partial or an interim response.
     if code == 206 || code < 200 {
-        return Err("status");
+        return Err(Reason::Status);
     }
     if headers.contains_key(header::SET_COOKIE) {
-        return Err("set-cookie");
+        return Err(Reason::SetCookie);
     }
     if headers.get_all(header::VARY).iter().any(|v| {
         v.to_str()
             .map(|s| s.split(',').any(|p| p.trim() == "*"))
             .unwrap_or(true)
     }) {
-        return Err("vary-star");
+        return Err(Reason::VaryStar);
     }
     let cc = CacheControl::parse(headers);
     if cc.private {
-        return Err("private");
+        return Err(Reason::Private);
     }
     let override_mode = rule.origin == OriginCacheControl::Override;
     let only_mode = rule.origin == OriginCacheControl::Only;
     if cc.no_store && !override_mode {
-        return Err("no-store");
+        return Err(Reason::NoStore);
     }
     let ttl_s = rule.ttl.as_secs();
     let date_s = http_date(headers, header::DATE);
@@ -271,7 +294,7 @@ pub fn decide(
     // status the origin gave explicit freshness, as RFC 9111 §3 allows.
     let status_allowed = statuses.contains(code) || (only_mode && explicit.is_some());
     if !status_allowed {
-        return Err("status");
+        return Err(Reason::Status);
     }
     let lifetime_s = match (explicit, only_mode) {
         (Some(e), _) => Some(e),
@@ -279,7 +302,7 @@ pub fn decide(
         (None, false) => None,
     };
     if only_mode && lifetime_s.is_none() {
-        return Err("no-explicit-freshness");
+        return Err(Reason::NoExplicitFreshness);
     }
     // RFC 9111 §4.2.3: the age a response already has when it arrives. Only the first
     // member of the first Age line counts; one too large to represent is 2^31 (§1.2.2).
@@ -305,7 +328,7 @@ pub fn decide(
         !override_mode && (cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some());
     if no_cache && !has_validator {
         // Every reuse would need a full refetch: storing it would only cost memory.
-        return Err("no-cache-without-validator");
+        return Err(Reason::NoCacheWithoutValidator);
     }
     let fresh_ms = if no_cache { 0 } else { fresh_s * 1000 };
     // Stale windows: the origin's directives when it sends them (RFC 5861), else the rule's.
@@ -333,7 +356,7 @@ pub fn decide(
     let keep_ms = if has_validator { ttl_s * 1000 } else { 0 };
     let store_ms = usable_ms + keep_ms;
     if store_ms == 0 {
-        return Err("stale-on-arrival");
+        return Err(Reason::StaleOnArrival);
     }
     Ok(Freshness {
         age_at_store_s: age.min(u32::MAX as u64) as u32,
@@ -344,6 +367,41 @@ pub fn decide(
         must_revalidate,
         store_ttl: Duration::from_millis(store_ms),
     })
+}
+
+/// Header names the origin's `Vary` lists beyond the rule's own (lower-case, sorted).
+pub fn vary_names(headers: &HeaderMap, rule_vary: &[HeaderName]) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !rule_vary.contains(n))
+        .collect();
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    names
+}
+
+/// RFC 9111 §5.4: `Pragma: no-cache` counts only when Cache-Control is absent.
+pub fn pragma_no_cache(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::CACHE_CONTROL)
+        && headers.get_all(header::PRAGMA).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.to_ascii_lowercase().contains("no-cache"))
+        })
+}
+
+/// The declared `Content-Length`, when there is a valid one.
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Statuses a cache may give heuristic freshness (RFC 9110 §15.1), 206 aside.
@@ -377,7 +435,7 @@ mod tests {
         pairs: &[(&'static str, &str)],
         origin: OriginCacheControl,
     ) -> Result<u64, NotStored> {
-        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let statuses = StatusSet::new(&DEFAULT_STATUSES);
         decide(StatusCode::OK, &h(pairs), &rule(origin), &statuses, NOW)
             .map(|f| (f.fresh_until_ms - NOW) / 1000)
     }
@@ -410,11 +468,14 @@ mod tests {
         );
         assert_eq!(
             fresh_s(&[("cache-control", "no-store")], R),
-            Err("no-store")
+            Err(Reason::NoStore)
         );
-        assert_eq!(fresh_s(&[("cache-control", "private")], R), Err("private"));
-        assert_eq!(fresh_s(&[("set-cookie", "a=b")], R), Err("set-cookie"));
-        assert_eq!(fresh_s(&[("vary", "*")], R), Err("vary-star"));
+        assert_eq!(
+            fresh_s(&[("cache-control", "private")], R),
+            Err(Reason::Private)
+        );
+        assert_eq!(fresh_s(&[("set-cookie", "a=b")], R), Err(Reason::SetCookie));
+        assert_eq!(fresh_s(&[("vary", "*")], R), Err(Reason::VaryStar));
         assert_eq!(
             fresh_s(&[("cache-control", "max-age=60"), ("age", "20")], R),
             Ok(40)
@@ -427,17 +488,17 @@ mod tests {
                 ],
                 R
             ),
-            Err("stale-on-arrival")
+            Err(Reason::StaleOnArrival)
         );
         let mut h8 = h(&[]);
         h8.insert(
             "cache-control",
             HeaderValue::from_bytes(b"private, ext=\"caf\xc3\xa9\"").unwrap(),
         );
-        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let statuses = StatusSet::new(&DEFAULT_STATUSES);
         assert_eq!(
             decide(StatusCode::OK, &h8, &rule(R), &statuses, NOW),
-            Err("private")
+            Err(Reason::Private)
         );
         let date = format_http_date(NOW / 1000);
         let expires = format_http_date(NOW / 1000 + 100);
@@ -445,10 +506,10 @@ mod tests {
             fresh_s(&[("date", &date), ("expires", &expires)], R),
             Ok(100)
         );
-        assert_eq!(fresh_s(&[("expires", "0")], R), Err("stale-on-arrival"));
+        assert_eq!(fresh_s(&[("expires", "0")], R), Err(Reason::StaleOnArrival));
         assert_eq!(
             fresh_s(&[("cache-control", "no-cache")], R),
-            Err("no-cache-without-validator")
+            Err(Reason::NoCacheWithoutValidator)
         );
         assert_eq!(
             fresh_s(&[("cache-control", "no-cache"), ("etag", "\"v1\"")], R),
@@ -459,7 +520,7 @@ mod tests {
     #[test]
     fn only_and_override_modes() {
         use OriginCacheControl::{Only, Override};
-        assert_eq!(fresh_s(&[], Only), Err("no-explicit-freshness"));
+        assert_eq!(fresh_s(&[], Only), Err(Reason::NoExplicitFreshness));
         assert_eq!(fresh_s(&[("cache-control", "max-age=60")], Only), Ok(60));
         assert_eq!(
             fresh_s(
@@ -470,11 +531,11 @@ mod tests {
         );
         assert_eq!(
             fresh_s(&[("cache-control", "private")], Override),
-            Err("private")
+            Err(Reason::Private)
         );
         assert_eq!(
             fresh_s(&[("set-cookie", "s=1")], Override),
-            Err("set-cookie")
+            Err(Reason::SetCookie)
         );
     }
 
@@ -484,7 +545,7 @@ mod tests {
         // Only the first member counts: "7200, 0" is 7200 (stale).
         assert_eq!(
             fresh_s(&[("cache-control", "max-age=3600"), ("age", "7200, 0")], R),
-            Err("stale-on-arrival")
+            Err(Reason::StaleOnArrival)
         );
         // The ttl caps what is left of the origin's freshness, not the freshness itself.
         assert_eq!(
@@ -507,7 +568,7 @@ mod tests {
     #[test]
     fn only_mode_is_a_shared_cache() {
         use OriginCacheControl::Only;
-        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let statuses = StatusSet::new(&DEFAULT_STATUSES);
         let r = rule(Only);
         // Any final status with explicit freshness...
         let f = decide(
@@ -520,7 +581,7 @@ mod tests {
         assert!(f.is_ok());
         assert_eq!(
             decide(StatusCode::FOUND, &h(&[]), &r, &statuses, NOW),
-            Err("status")
+            Err(Reason::Status)
         );
         // ...heuristic freshness from Last-Modified for heuristically cacheable statuses...
         let lm = format_http_date(NOW / 1000 - 1000);
@@ -538,7 +599,7 @@ mod tests {
 
     #[test]
     fn the_origins_stale_windows_win_over_the_rules() {
-        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let statuses = StatusSet::new(&DEFAULT_STATUSES);
         let mut r = rule(OriginCacheControl::Respect);
         r.stale_if_error = Duration::from_secs(600);
         let h1 = h(&[("cache-control", "max-age=60, stale-if-error=1")]);
@@ -561,7 +622,7 @@ mod tests {
 
     #[test]
     fn statuses_outside_the_list_are_not_stored() {
-        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let statuses = StatusSet::new(&DEFAULT_STATUSES);
         let r = rule(OriginCacheControl::Respect);
         assert_eq!(
             decide(
@@ -571,14 +632,14 @@ mod tests {
                 &statuses,
                 NOW
             ),
-            Err("status")
+            Err(Reason::Status)
         );
         assert!(decide(StatusCode::NOT_FOUND, &h(&[]), &r, &statuses, NOW).is_ok());
     }
 
     #[test]
     fn stale_windows_and_must_revalidate() {
-        let statuses = StatusSet::new(&crate::config::DEFAULT_STATUSES);
+        let statuses = StatusSet::new(&DEFAULT_STATUSES);
         let mut r = rule(OriginCacheControl::Respect);
         r.stale_while_revalidate = Duration::from_secs(30);
         r.stale_if_error = Duration::from_secs(600);

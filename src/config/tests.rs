@@ -1,6 +1,7 @@
 //! Golden config errors: the exact text an operator sees, with file:line:col.
 
 use super::*;
+use crate::routing::{QueryPolicy, Scope};
 
 fn env(name: &str) -> Option<String> {
     match name {
@@ -81,7 +82,7 @@ tags = ["user:{id}", "users"]
         r.query,
         QueryPolicy::Keep(vec!["page".into(), "size".into()])
     );
-    assert!(c.rules.describe().contains("user:{id},users"));
+    assert!(compile::describe(&c.rules).contains("user:{id},users"));
 }
 
 #[test]
@@ -283,7 +284,7 @@ fn purge_tags_are_checked_like_tags() {
     let c = ok(&format!(
         "{UPSTREAM}[[rule]]\nname = \"a\"\nmatch = \"/user/{{id}}\"\npurge = [\"user:{{id}}\", \"users\"]\n"
     ));
-    assert!(c.rules.describe().contains("purge=user:{id},users"));
+    assert!(compile::describe(&c.rules).contains("purge=user:{id},users"));
 }
 
 #[test]

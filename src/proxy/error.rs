@@ -6,9 +6,10 @@
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use super::body::{ProxyBody, full};
 use crate::auth::Failure;
+use crate::body::{ProxyBody, full};
 use crate::normalize::PathError;
+use crate::upstream::UpstreamError;
 
 /// Who a failure is attributed to, for logs and alerting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,18 @@ pub enum ProxyError {
     UpstreamProtocol(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<UpstreamError> for ProxyError {
+    fn from(e: UpstreamError) -> ProxyError {
+        match e {
+            UpstreamError::Connect(why) => ProxyError::UpstreamConnect(why),
+            UpstreamError::Timeout => ProxyError::UpstreamTimeout,
+            UpstreamError::Protocol(why) => ProxyError::UpstreamProtocol(why),
+            UpstreamError::ClientBodyStalled => ProxyError::ClientBodyTimeout,
+            UpstreamError::Uri(why) => ProxyError::Internal(why),
+        }
+    }
 }
 
 impl ProxyError {

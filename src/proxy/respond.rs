@@ -1,46 +1,122 @@
 //! Building responses from stored entries, conditional requests, and the cache headers every
-//! response carries (`Age`, `X-Cache`, RFC 9211 `Cache-Status`).
+//! response carries (`Age`, `X-Cache`, RFC 9211 `Cache-Status`), all rendered from one
+//! `Trace`: what happened (`Outcome`), why (`Reason`), and the facts around it.
 
 use std::fmt::Write as _;
 
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
-use super::body::{ProxyBody, empty, full};
 use super::headers::{CACHE_STATUS, X_CACHE};
-use crate::cache::Outcome;
+use crate::body::{ProxyBody, empty, full};
 use crate::cache::entry::Entry;
 use crate::cache::policy::http_date;
+use crate::labels::{Outcome, Reason};
 
-/// What a request's journey looked like, for the cache headers and the access log.
-#[derive(Debug, Clone)]
-pub struct Trace {
-    pub outcome: Outcome,
-    /// RFC 9211 `fwd` reason when the request went upstream (or would have).
-    pub fwd: Option<&'static str>,
-    pub fwd_status: Option<u16>,
-    pub stored: bool,
-    /// Remaining freshness in seconds (negative when stale).
-    pub ttl: Option<i64>,
-    pub detail: Option<&'static str>,
-    pub collapsed: bool,
+/// Why a request went to the upstream: the RFC 9211 `fwd` parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fwd {
+    /// The cache was not consulted.
+    Bypass,
+    /// The method is not cached.
+    Method,
+    /// Nothing was stored for the URI.
+    UriMiss,
+    /// Something was stored, but not usable (purged, unreadable).
+    Miss,
+    /// The client asked to revalidate.
+    Request,
+    /// The stored response was stale.
+    Stale,
 }
 
-impl Default for Trace {
-    fn default() -> Self {
-        Trace {
-            outcome: Outcome::Bypass,
-            fwd: Some("bypass"),
-            fwd_status: None,
-            stored: false,
-            ttl: None,
-            detail: None,
-            collapsed: false,
+impl Fwd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fwd::Bypass => "bypass",
+            Fwd::Method => "method",
+            Fwd::UriMiss => "uri-miss",
+            Fwd::Miss => "miss",
+            Fwd::Request => "request",
+            Fwd::Stale => "stale",
         }
     }
 }
 
+/// What a request's journey looked like: rendered once into `X-Cache`, `Cache-Status`, the
+/// access log line and the outcome metric.
+#[derive(Debug, Clone)]
+pub struct Trace {
+    pub outcome: Outcome,
+    pub reason: Option<Reason>,
+    /// Why it went upstream; `None` when it was answered from the cache.
+    pub fwd: Option<Fwd>,
+    pub fwd_status: Option<u16>,
+    pub stored: bool,
+    /// Remaining freshness in seconds (negative when stale).
+    pub ttl: Option<i64>,
+    pub collapsed: bool,
+    /// The error code when cachegate answered with an error.
+    pub error: Option<&'static str>,
+}
+
 impl Trace {
+    /// Answered from the cache (fresh).
+    pub fn hit(ttl: i64) -> Trace {
+        Trace {
+            outcome: Outcome::Hit,
+            fwd: None,
+            ttl: Some(ttl),
+            ..Trace::bypass(None)
+        }
+    }
+
+    /// Answered from another request's fill.
+    pub fn coalesced(ttl: i64) -> Trace {
+        Trace {
+            outcome: Outcome::Coalesced,
+            fwd: None,
+            ttl: Some(ttl),
+            collapsed: true,
+            ..Trace::bypass(None)
+        }
+    }
+
+    /// Passed to the upstream without consulting the cache.
+    pub fn bypass(reason: Option<Reason>) -> Trace {
+        Trace {
+            outcome: Outcome::Bypass,
+            reason,
+            fwd: Some(Fwd::Bypass),
+            fwd_status: None,
+            stored: false,
+            ttl: None,
+            collapsed: false,
+            error: None,
+        }
+    }
+
+    /// A response cachegate made itself.
+    pub fn error(code: &'static str) -> Trace {
+        Trace {
+            outcome: Outcome::Error,
+            reason: Some(Reason::Error),
+            error: Some(code),
+            ..Trace::bypass(None)
+        }
+    }
+
+    /// The same trace with the upstream's status.
+    pub fn with_status(mut self, status: StatusCode) -> Trace {
+        self.fwd_status = Some(status.as_u16());
+        self
+    }
+
+    /// The `detail` of `Cache-Status`: the error code, else the reason.
+    pub fn detail(&self) -> Option<&'static str> {
+        self.error.or(self.reason.map(Reason::as_str))
+    }
+
     /// The `Cache-Status` member of this cache.
     pub fn cache_status(&self) -> String {
         let mut s = String::with_capacity(64);
@@ -50,7 +126,7 @@ impl Trace {
         if hit {
             s.push_str("; hit");
         } else if let Some(fwd) = self.fwd {
-            let _ = write!(s, "; fwd={fwd}");
+            let _ = write!(s, "; fwd={}", fwd.as_str());
         }
         if let Some(st) = self.fwd_status {
             let _ = write!(s, "; fwd-status={st}");
@@ -64,7 +140,7 @@ impl Trace {
         if let Some(ttl) = self.ttl {
             let _ = write!(s, "; ttl={ttl}");
         }
-        if let Some(d) = self.detail {
+        if let Some(d) = self.detail() {
             let _ = write!(s, "; detail={d}");
         }
         s
@@ -332,20 +408,15 @@ mod tests {
 
     #[test]
     fn cache_status_members() {
-        let t = Trace {
-            outcome: Outcome::Hit,
-            fwd: None,
-            ttl: Some(42),
-            ..Trace::default()
-        };
+        let t = Trace::hit(42);
         assert_eq!(t.cache_status(), "cachegate; hit; ttl=42");
         let t = Trace {
             outcome: Outcome::Miss,
-            fwd: Some("uri-miss"),
+            fwd: Some(Fwd::UriMiss),
             fwd_status: Some(200),
             stored: true,
             ttl: Some(300),
-            ..Trace::default()
+            ..Trace::bypass(None)
         };
         assert_eq!(
             t.cache_status(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
 
-use crate::harness::*;
+use crate::support::*;
 
 const SECRET: &str = "test-secret-0123456789abcdef";
 const ADMIN: &str = "admin-token-0123456789";

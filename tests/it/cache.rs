@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::*;
+use crate::support::*;
 
 /// Which store a test runs against. Redis is kept alive for the test's duration.
 pub enum Backend {
@@ -56,6 +56,9 @@ async fn miss_then_hit_with_one_upstream_call(b: Backend) {
         first.header("cache-status")
     );
     assert!(first.header("cache-status").contains("stored"));
+    // The entry is written in the background; until then a request is answered from the
+    // finished fill (collapsed) rather than from the store.
+    proxy.stored(1).await;
     let second = proxy.get("/user/42").await;
     assert_eq!(second.status, 200);
     assert_eq!(second.x_cache(), "HIT");

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::cache::Backend;
-use crate::harness::*;
+use crate::support::*;
 
 /// One scripted answer: status, headers, body.
 type Scripted1 = (u16, Vec<(String, String)>, String);
@@ -20,8 +20,6 @@ struct Scripted {
     /// (status, headers, body) of the next answers; the last one repeats.
     script: Arc<Mutex<Vec<Scripted1>>>,
     conditional: Arc<AtomicUsize>,
-    /// When armed, the next request waits for this before answering.
-    gate: Arc<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
 }
 
 async fn scripted(first: (u16, &[(&str, &str)], &str)) -> Scripted {
@@ -35,41 +33,32 @@ async fn scripted(first: (u16, &[(&str, &str)], &str)) -> Scripted {
         first.2.to_string(),
     )]));
     let conditional = Arc::new(AtomicUsize::new(0));
-    let gate: Arc<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>> = Arc::default();
-    let (s, c, g) = (script.clone(), conditional.clone(), gate.clone());
-    let origin = Origin::start(Arc::new(move |seen, _| {
-        let (s, c, g) = (s.clone(), c.clone(), g.clone());
-        Box::pin(async move {
-            if seen.headers.contains_key("if-none-match")
-                || seen.headers.contains_key("if-modified-since")
-            {
-                c.fetch_add(1, Ordering::SeqCst);
+    let (s, c) = (script.clone(), conditional.clone());
+    let origin = Origin::start(handler(move |seen, _| {
+        if seen.headers.contains_key("if-none-match")
+            || seen.headers.contains_key("if-modified-since")
+        {
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+        let (status, headers, body) = {
+            let mut v = s.lock().unwrap();
+            if v.len() > 1 {
+                v.remove(0)
+            } else {
+                v[0].clone()
             }
-            let wait = g.lock().unwrap().take();
-            if let Some(w) = wait {
-                let _ = w.await;
-            }
-            let (status, headers, body) = {
-                let mut v = s.lock().unwrap();
-                if v.len() > 1 {
-                    v.remove(0)
-                } else {
-                    v[0].clone()
-                }
-            };
-            let mut a = Answer::ok(body).status(status);
-            for (k, v) in headers {
-                a = a.header(&k, &v);
-            }
-            a
-        })
+        };
+        let mut a = Answer::ok(body).status(status);
+        for (k, v) in headers {
+            a = a.header(&k, &v);
+        }
+        a
     }))
     .await;
     Scripted {
         origin,
         script,
         conditional,
-        gate,
     }
 }
 
@@ -106,8 +95,7 @@ fn rule(extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_concurrent_cold_gets_make_one_upstream_request() {
     let s = scripted((200, &[], "one")).await;
-    let (release, wait) = tokio::sync::oneshot::channel();
-    *s.gate.lock().unwrap() = Some(wait);
+    let release = s.origin.hold_next();
     let proxy = Arc::new(Proxy::start(&config(&s.origin, MEMORY_STORE, &rule(""))).await);
     let mut tasks = Vec::new();
     for _ in 0..200 {
@@ -121,7 +109,7 @@ async fn two_hundred_concurrent_cold_gets_make_one_upstream_request() {
         || async { s.origin.total() == 1 },
     )
     .await;
-    release.send(()).unwrap();
+    release.release();
     for t in tasks {
         let got = t.await.unwrap();
         assert_eq!((got.status.as_u16(), got.text().as_str()), (200, "one"));
@@ -145,8 +133,7 @@ async fn two_hundred_concurrent_cold_gets_make_one_upstream_request() {
 async fn two_instances_with_the_distributed_lock_make_one_upstream_request() {
     let redis = Redis::start().await;
     let s = scripted((200, &[], "shared")).await;
-    let (release, wait) = tokio::sync::oneshot::channel();
-    *s.gate.lock().unwrap() = Some(wait);
+    let release = s.origin.hold_next();
     let store = format!(
         "{}\n[cache]\ndistributed_lock = true\n",
         redis_store(&redis)
@@ -166,7 +153,7 @@ async fn two_instances_with_the_distributed_lock_make_one_upstream_request() {
         || async { s.origin.total() == 1 },
     )
     .await;
-    release.send(()).unwrap();
+    release.release();
     for t in tasks {
         let got = t.await.unwrap();
         assert_eq!((got.status.as_u16(), got.text().as_str()), (200, "shared"));
@@ -190,8 +177,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     assert_eq!(proxy.get("/r/1").await.text(), "old");
     s.always(200, &[("cache-control", "max-age=0")], "new");
     // Hold the refresh at the origin: the stale answers must not wait for it.
-    let (release, wait) = tokio::sync::oneshot::channel();
-    *s.gate.lock().unwrap() = Some(wait);
+    let release = s.origin.hold_next();
     let mut tasks = Vec::new();
     for _ in 0..20 {
         let p = proxy.clone();
@@ -213,7 +199,7 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
         );
     }
     assert_eq!(s.origin.total(), 2, "one refresh for twenty stale answers");
-    release.send(()).unwrap();
+    release.release();
     eventually(Duration::from_secs(5), "the refresh lands", || async {
         proxy.get("/r/1").await.text() == "new"
     })
@@ -244,9 +230,8 @@ async fn stale_if_error_covers_upstream_failures(b: Backend) {
         match failure {
             "503" => s.always(503, &[], "broken"),
             "timeout" => {
-                let (_never, wait) = tokio::sync::oneshot::channel::<()>();
-                *s.gate.lock().unwrap() = Some(wait);
-                std::mem::forget(_never);
+                // Never released: the upstream timeout runs out.
+                std::mem::forget(s.origin.hold_next());
             }
             _ => s.origin.stop(),
         }

@@ -104,7 +104,7 @@ fn version_is_printed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_command_talks_to_the_admin_api() {
-    use crate::harness::*;
+    use crate::support::*;
     let origin = Origin::echo().await;
     let rules = "[admin]\ntoken_env = \"ADMIN_TOKEN\"\n[[rule]]\nname = \"u\"\nmatch = \"/u/{id}\"\nttl = \"5m\"\ntags = [\"u:{id}\"]\n";
     let proxy = Proxy::start_env(

@@ -2,7 +2,6 @@
 //! replies and bursts cannot starve the proxy.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,7 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::harness::*;
+use crate::support::*;
 
 /// Headers a client can send that a careless origin reflects: none of them is part of any
 /// key, so none may reach an entry another client gets. Each with a marker to look for.
@@ -244,11 +243,12 @@ async fn the_clients_forwarded_header_is_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_sockets_at_max_connections_do_not_lock_out_a_real_client() {
     let origin = Origin::echo().await;
-    let text = config(&origin, MEMORY_STORE, "").replace(
-        "[server]\n",
-        "[server]\nmax_connections = 16\nheader_read_timeout = \"60s\"\nidle_timeout = \"60s\"\n",
-    );
-    let proxy = Proxy::start(&text).await;
+    let proxy = Proxy::builder(&origin)
+        .server("max_connections = 16")
+        .server("header_read_timeout = \"60s\"")
+        .server("idle_timeout = \"60s\"")
+        .start()
+        .await;
     let mut silent = Vec::new();
     for _ in 0..16 {
         silent.push(TcpStream::connect(proxy.addr).await.unwrap());
@@ -276,9 +276,10 @@ async fn silent_sockets_at_max_connections_do_not_lock_out_a_real_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_half_preface_connections_are_closed_after_the_header_timeout() {
     let origin = Origin::echo().await;
-    let text = config(&origin, MEMORY_STORE, "")
-        .replace("[server]\n", "[server]\nheader_read_timeout = \"500ms\"\n");
-    let proxy = Proxy::start(&text).await;
+    let proxy = Proxy::builder(&origin)
+        .server("header_read_timeout = \"500ms\"")
+        .start()
+        .await;
     let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
     let mut half = TcpStream::connect(proxy.addr).await.unwrap();
     half.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
@@ -330,9 +331,10 @@ fn h2_get(proxy: &Proxy, path: &str) -> http::Request<Empty<Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_h2c_connection_is_closed_after_idle_timeout() {
     let origin = Origin::echo().await;
-    let text = config(&origin, MEMORY_STORE, "")
-        .replace("[server]\n", "[server]\nidle_timeout = \"500ms\"\n");
-    let proxy = Proxy::start(&text).await;
+    let proxy = Proxy::builder(&origin)
+        .server("idle_timeout = \"500ms\"")
+        .start()
+        .await;
     // A client that answers (and sends) PINGs is still idle: no request in flight.
     let (mut send, conn) = h2(&proxy, Some(Duration::from_millis(100))).await;
     let resp = send.send_request(h2_get(&proxy, "/x")).await.unwrap();
@@ -425,9 +427,10 @@ async fn a_slow_steady_upload_is_not_cut_by_the_upstream_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upload_is_408() {
     let origin = Origin::echo().await;
-    let text = config(&origin, MEMORY_STORE, "")
-        .replace("[server]\n", "[server]\nbody_read_timeout = \"300ms\"\n");
-    let proxy = Proxy::start(&text).await;
+    let proxy = Proxy::builder(&origin)
+        .server("body_read_timeout = \"300ms\"")
+        .start()
+        .await;
     let out = proxy
         .raw(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789")
         .await;
@@ -531,29 +534,14 @@ async fn a_64mib_foreign_value_is_a_miss_and_stalls_nothing_else() {
     assert_eq!(again.x_cache(), "HIT", "the foreign value was overwritten");
 }
 
-/// An origin that holds every answer until the test opens the gate.
-async fn gated_origin() -> (Origin, Arc<AtomicBool>) {
-    let open = Arc::new(AtomicBool::new(false));
-    let gate = open.clone();
-    let origin = Origin::start(Arc::new(move |_s, n| {
-        let gate = gate.clone();
-        Box::pin(async move {
-            while !gate.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Answer::ok(format!("n={n}"))
-        })
-    }))
-    .await;
-    (origin, open)
+/// An origin that holds every answer until the test opens it.
+async fn gated_origin() -> Origin {
+    let origin = Origin::start(handler(|_s, n| Answer::ok(format!("n={n}")))).await;
+    origin.close();
+    origin
 }
 
-async fn hundred_cold_gets_make_one_upstream_request(
-    redis: &Redis,
-    origin: &Origin,
-    open: &AtomicBool,
-    proxy: Arc<Proxy>,
-) {
+async fn hundred_cold_gets_make_one_upstream_request(origin: &Origin, proxy: Arc<Proxy>) {
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let p = proxy.clone();
@@ -566,14 +554,13 @@ async fn hundred_cold_gets_make_one_upstream_request(
         || async { metric(&proxy.metrics().await, "cachegate_fill_waiters") >= 99.0 },
     )
     .await;
-    open.store(true, Ordering::SeqCst);
+    origin.open();
     for t in tasks {
         let got = t.await.unwrap();
         assert_eq!(got.status, 200);
         assert_eq!(got.text(), "n=1");
     }
     assert_eq!(origin.hits("/user/hot"), 1);
-    let _ = redis;
 }
 
 const USER_RULE: &str = "[[rule]]\nname = \"user\"\nmatch = \"/user/{id}\"\nttl = \"5m\"\n";
@@ -581,7 +568,7 @@ const USER_RULE: &str = "[[rule]]\nname = \"user\"\nmatch = \"/user/{id}\"\nttl 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalescing_holds_while_redis_is_paused() {
     let redis = Redis::start().await;
-    let (origin, open) = gated_origin().await;
+    let origin = gated_origin().await;
     let proxy = Arc::new(
         Proxy::start(&config(
             &origin,
@@ -593,13 +580,13 @@ async fn coalescing_holds_while_redis_is_paused() {
     // Paused for longer than the test runs (an UNPAUSE would wait in the same queue); the
     // server is killed when the test ends.
     assert_eq!(redis.raw("CLIENT PAUSE 60000 ALL").await, "+OK");
-    hundred_cold_gets_make_one_upstream_request(&redis, &origin, &open, proxy).await;
+    hundred_cold_gets_make_one_upstream_request(&origin, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalescing_holds_while_redis_is_killed() {
     let mut redis = Redis::start().await;
-    let (origin, open) = gated_origin().await;
+    let origin = gated_origin().await;
     let proxy = Arc::new(
         Proxy::start(&config(
             &origin,
@@ -609,7 +596,7 @@ async fn coalescing_holds_while_redis_is_killed() {
         .await,
     );
     redis.kill();
-    hundred_cold_gets_make_one_upstream_request(&redis, &origin, &open, proxy).await;
+    hundred_cold_gets_make_one_upstream_request(&origin, proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,9 +736,10 @@ async fn the_embedded_store_reports_its_size() {
 async fn a_client_that_stops_reading_is_dropped() {
     const SIZE: usize = 32 << 20;
     let origin = Origin::start(handler(|_, _| Answer::ok(vec![b'x'; SIZE]))).await;
-    let text = config(&origin, MEMORY_STORE, "")
-        .replace("[server]\n", "[server]\nidle_timeout = \"300ms\"\n");
-    let proxy = Proxy::start(&text).await;
+    let proxy = Proxy::builder(&origin)
+        .server("idle_timeout = \"300ms\"")
+        .start()
+        .await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
         .await

@@ -3,9 +3,9 @@
 //! Two shared multiplexed connections (redis-rs `ConnectionManager`) carry every request's
 //! commands, so concurrent requests are pipelined on the wire with no pool checkout: one for
 //! the small keys (sessions, tag generations, leases), one for entries, so a large entry on
-//! its way cannot hold up a session check. Each trait method is one pipeline per connection,
+//! its way cannot hold up a session check. Each operation is one pipeline per connection,
 //! i.e. one round trip. Timeouts and the circuit breaker are applied by the caller
-//! (`store::Guarded`); reconnection is the manager's job.
+//! (`Guarded`); reconnection is the manager's job.
 //!
 //! Nothing is read unbounded: values are read with GETRANGE up to a limit (an entry's
 //! `max_object_size` plus its envelope; `SMALL_LIMIT` for small keys), so a huge foreign
@@ -18,7 +18,8 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Pipeline, Value};
 
-use super::store::{BoxFut, Read, SMALL_LIMIT, Store, StoreError};
+use super::{BoxFut, Read, SMALL_LIMIT, Store, StoreError};
+use crate::cache::key::{EntryKey, GenKey, LeaseKey, SessionKey};
 
 /// A Redis-backed store.
 pub struct RedisStore {
@@ -61,6 +62,14 @@ impl RedisStore {
     async fn run(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
         run_on(&self.small, pipe).await
     }
+
+    /// One command on the small-keys connection, its reply.
+    async fn one(&self, pipe: Pipeline) -> Result<Value, StoreError> {
+        self.run(pipe)
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Backend("empty reply".into()))
+    }
 }
 
 async fn run_on(conn: &ConnectionManager, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
@@ -91,24 +100,18 @@ fn bounded_get(pipe: &mut Pipeline, key: &[u8], limit: usize) {
     pipe.cmd("GETRANGE").arg(key).arg(0).arg(limit);
 }
 
-fn bounded_of(v: Value) -> Result<Option<Bytes>, StoreError> {
-    match bytes_of(v)? {
-        Some(b) if b.is_empty() => Ok(None),
-        other => Ok(other),
-    }
-}
-
-/// A GET reply as bytes. A value of another type (a hash where an entry should be, say:
+/// A reply as bytes. A value of another type (a hash where an entry should be, say:
 /// WRONGTYPE) reads as absent, so the caller treats it as a miss and overwrites it. Any
 /// other error reply (LOADING after a restart, BUSY, MASTERDOWN...) is a store fault: it
 /// must never read as "no session" (a 401) or "no generation" (a wildcard).
 fn bytes_of(v: Value) -> Result<Option<Bytes>, StoreError> {
     match v {
+        Value::BulkString(b) if b.is_empty() => Ok(None),
         Value::BulkString(b) => Ok(Some(Bytes::from(b))),
         Value::SimpleString(s) => Ok(Some(Bytes::from(s))),
         Value::Int(i) => Ok(Some(Bytes::from(i.to_string()))),
         Value::ServerError(e) if e.code() == "WRONGTYPE" => Ok(None),
-        Value::ServerError(e) => Err(StoreError::Backend(format!(
+        Value::ServerError(e) => Err(StoreError::Refused(format!(
             "{} {}",
             e.code(),
             e.details().unwrap_or_default()
@@ -121,35 +124,52 @@ fn ms(d: Duration) -> u64 {
     (d.as_millis() as u64).max(1)
 }
 
+/// True when a reply says the command did its work (OK, or a positive count).
+fn done(v: &Value) -> bool {
+    matches!(v, Value::Okay | Value::SimpleString(_)) || matches!(v, Value::Int(n) if *n > 0)
+}
+
+/// Delete `key` only while it holds `value` (one key per script: safe on a cluster).
+fn del_if_equals(key: &[u8], value: &[u8]) -> Pipeline {
+    const SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
+    let mut pipe = redis::pipe();
+    pipe.cmd("EVAL").arg(SCRIPT).arg(1).arg(key).arg(value);
+    pipe
+}
+
 impl Store for RedisStore {
-    fn read<'a>(
+    fn lookup<'a>(
         &'a self,
-        entry: Option<(Vec<u8>, usize)>,
-        small: Vec<Vec<u8>>,
+        entry: Option<(&'a EntryKey, usize)>,
+        session: Option<&'a SessionKey>,
+        gens: &'a [GenKey],
     ) -> BoxFut<'a, Result<Read, StoreError>> {
         // The entry on its own connection, the small keys on theirs, both at once: one
         // round trip of latency.
         let entry_pipe = entry.map(|(key, limit)| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            bounded_get(&mut pipe, &key, limit);
+            bounded_get(&mut pipe, &key.0, limit);
             pipe
         });
-        let small_pipe = (!small.is_empty()).then(|| {
+        let small_pipe = (session.is_some() || !gens.is_empty()).then(|| {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for key in &small {
-                bounded_get(&mut pipe, key, SMALL_LIMIT);
+            if let Some(s) = session {
+                bounded_get(&mut pipe, s.0.as_bytes(), SMALL_LIMIT);
+            }
+            for g in gens {
+                bounded_get(&mut pipe, &g.0, SMALL_LIMIT);
             }
             pipe
         });
-        let count = small.len();
+        let count = usize::from(session.is_some()) + gens.len();
         Box::pin(async move {
             let entry_fut = async {
                 match entry_pipe {
                     None => Ok(None),
                     Some(p) => match run_on(&self.entries, p).await?.pop() {
-                        Some(v) => bounded_of(v),
+                        Some(v) => bytes_of(v),
                         None => Err(StoreError::Backend("empty GETRANGE reply".into())),
                     },
                 }
@@ -165,99 +185,110 @@ impl Store for RedisStore {
                                 values.len()
                             )));
                         }
-                        values.into_iter().map(bounded_of).collect()
+                        values
+                            .into_iter()
+                            .map(bytes_of)
+                            .collect::<Result<Vec<_>, _>>()
                     }
                 }
             };
             let (entry, small) = tokio::join!(entry_fut, small_fut);
+            let mut small = small?.into_iter();
+            let session = if session.is_some() {
+                small.next().flatten()
+            } else {
+                None
+            };
             Ok(Read {
                 entry: entry?,
-                small: small?,
+                session,
+                gens: small.collect(),
             })
         })
     }
 
     fn put<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
+        entries: Vec<(EntryKey, Bytes)>,
         ttl: Duration,
-        touch: Vec<Vec<u8>>,
-        touch_ttl: Duration,
+        gens: &'a [GenKey],
+        gen_ttl: Duration,
     ) -> BoxFut<'a, Result<(), StoreError>> {
         let mut pipe = redis::pipe();
-        for (key, value) in &items {
+        for (key, value) in &entries {
             pipe.cmd("SET")
-                .arg(key)
+                .arg(&key.0)
                 .arg(value.as_ref())
                 .arg("PX")
                 .arg(ms(ttl))
                 .ignore();
         }
-        let mut touch_pipe = redis::pipe();
-        for k in &touch {
-            touch_pipe.cmd("PEXPIRE").arg(k).arg(ms(touch_ttl)).ignore();
+        let mut touch = redis::pipe();
+        for g in gens {
+            touch.cmd("PEXPIRE").arg(&g.0).arg(ms(gen_ttl)).ignore();
         }
         Box::pin(async move {
             let (stored, touched) =
-                tokio::join!(run_on(&self.entries, pipe), run_on(&self.small, touch_pipe));
+                tokio::join!(run_on(&self.entries, pipe), run_on(&self.small, touch));
             stored?;
             touched.map(|_| ())
         })
     }
 
-    fn init_many<'a>(
+    fn init_gens<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
+        items: Vec<(GenKey, Bytes)>,
         ttl: Duration,
     ) -> BoxFut<'a, Result<Vec<Option<Bytes>>, StoreError>> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for (k, v) in &items {
             pipe.cmd("SET")
-                .arg(k)
+                .arg(&k.0)
                 .arg(v.as_ref())
                 .arg("NX")
                 .arg("PX")
                 .arg(ms(ttl))
                 .ignore();
-            bounded_get(&mut pipe, k, SMALL_LIMIT);
+            bounded_get(&mut pipe, &k.0, SMALL_LIMIT);
         }
-        Box::pin(async move { self.run(pipe).await?.into_iter().map(bounded_of).collect() })
+        Box::pin(async move { self.run(pipe).await?.into_iter().map(bytes_of).collect() })
     }
 
-    fn set_many<'a>(
+    fn set_gens<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
-        ttl: Option<Duration>,
+        items: Vec<(GenKey, Bytes)>,
+        ttl: Duration,
     ) -> BoxFut<'a, Result<(), StoreError>> {
         let mut pipe = redis::pipe();
         for (k, v) in &items {
-            let cmd = pipe.cmd("SET").arg(k).arg(v.as_ref());
-            if let Some(ttl) = ttl {
-                cmd.arg("PX").arg(ms(ttl));
-            }
-            cmd.ignore();
+            pipe.cmd("SET")
+                .arg(&k.0)
+                .arg(v.as_ref())
+                .arg("PX")
+                .arg(ms(ttl))
+                .ignore();
         }
         Box::pin(async move { self.run(pipe).await.map(|_| ()) })
     }
 
-    fn bump<'a>(
+    fn bump_gens<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
+        items: Vec<(GenKey, Bytes)>,
         ttl: Duration,
     ) -> BoxFut<'a, Result<(), StoreError>> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for (k, v) in &items {
             pipe.cmd("SET")
-                .arg(k)
+                .arg(&k.0)
                 .arg(v.as_ref())
                 .arg("PX")
                 .arg(ms(ttl));
         }
         let mut del = redis::pipe();
         for (k, _) in &items {
-            del.cmd("DEL").arg(k).ignore();
+            del.cmd("DEL").arg(&k.0).ignore();
         }
         Box::pin(async move {
             let mut refused = None;
@@ -276,70 +307,77 @@ impl Store for RedisStore {
         })
     }
 
-    fn set_nx<'a>(
+    fn session_set<'a>(
         &'a self,
-        key: Vec<u8>,
-        value: Bytes,
-        ttl: Duration,
+        key: &'a SessionKey,
+        token: Bytes,
+        ttl: Option<Duration>,
+    ) -> BoxFut<'a, Result<(), StoreError>> {
+        let mut pipe = redis::pipe();
+        let cmd = pipe.cmd("SET").arg(key.0.as_bytes()).arg(token.as_ref());
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(ms(ttl));
+        }
+        cmd.ignore();
+        Box::pin(async move { self.run(pipe).await.map(|_| ()) })
+    }
+
+    fn session_end<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        token: Bytes,
     ) -> BoxFut<'a, Result<bool, StoreError>> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(&key)
-            .arg(value.as_ref())
-            .arg("NX")
-            .arg("PX")
-            .arg(ms(ttl));
-        Box::pin(async move {
-            let r = self.run(pipe).await?;
-            Ok(matches!(
-                r.first(),
-                Some(Value::Okay) | Some(Value::SimpleString(_))
-            ))
-        })
+        let pipe = del_if_equals(key.0.as_bytes(), &token);
+        Box::pin(async move { Ok(done(&self.one(pipe).await?)) })
     }
 
-    fn del<'a>(&'a self, key: Vec<u8>) -> BoxFut<'a, Result<bool, StoreError>> {
+    fn session_delete<'a>(&'a self, key: &'a SessionKey) -> BoxFut<'a, Result<bool, StoreError>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("DEL").arg(&key);
-        Box::pin(async move {
-            Ok(matches!(self.run(pipe).await?.first(), Some(Value::Int(n)) if *n > 0))
-        })
+        pipe.cmd("DEL").arg(key.0.as_bytes());
+        Box::pin(async move { Ok(done(&self.one(pipe).await?)) })
     }
 
-    fn del_if_equals<'a>(
+    fn session_ttl<'a>(
         &'a self,
-        key: Vec<u8>,
-        value: Bytes,
-    ) -> BoxFut<'a, Result<bool, StoreError>> {
-        // One key per script: safe on a cluster.
-        const SCRIPT: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
-        let mut pipe = redis::pipe();
-        pipe.cmd("EVAL")
-            .arg(SCRIPT)
-            .arg(1)
-            .arg(&key)
-            .arg(value.as_ref());
-        Box::pin(async move {
-            Ok(matches!(self.run(pipe).await?.first(), Some(Value::Int(n)) if *n > 0))
-        })
-    }
-
-    fn pttl<'a>(
-        &'a self,
-        key: Vec<u8>,
+        key: &'a SessionKey,
     ) -> BoxFut<'a, Result<Option<Option<Duration>>, StoreError>> {
         let mut pipe = redis::pipe();
-        pipe.cmd("PTTL").arg(&key);
+        pipe.cmd("PTTL").arg(key.0.as_bytes());
         Box::pin(async move {
-            match self.run(pipe).await?.first() {
-                Some(Value::Int(-2)) => Ok(None),
-                Some(Value::Int(-1)) => Ok(Some(None)),
-                Some(Value::Int(n)) if *n >= 0 => Ok(Some(Some(Duration::from_millis(*n as u64)))),
+            match self.one(pipe).await? {
+                Value::Int(-2) => Ok(None),
+                Value::Int(-1) => Ok(Some(None)),
+                Value::Int(n) if n >= 0 => Ok(Some(Some(Duration::from_millis(n as u64)))),
                 other => Err(StoreError::Backend(format!(
                     "unexpected PTTL reply {other:?}"
                 ))),
             }
         })
+    }
+
+    fn lease_take<'a>(
+        &'a self,
+        key: &'a LeaseKey,
+        token: Bytes,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<bool, StoreError>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&key.0)
+            .arg(token.as_ref())
+            .arg("NX")
+            .arg("PX")
+            .arg(ms(ttl));
+        Box::pin(async move { Ok(done(&self.one(pipe).await?)) })
+    }
+
+    fn lease_release<'a>(
+        &'a self,
+        key: &'a LeaseKey,
+        token: Bytes,
+    ) -> BoxFut<'a, Result<bool, StoreError>> {
+        let pipe = del_if_equals(&key.0, &token);
+        Box::pin(async move { Ok(done(&self.one(pipe).await?)) })
     }
 
     fn ping(&self) -> BoxFut<'_, Result<(), StoreError>> {

@@ -1,10 +1,15 @@
-//! The store interface the engine sees, and the guard every call goes through.
+//! The store the cache speaks to, and the guard every call goes through.
 //!
-//! `Store` is a handful of key/value primitives (batched GET, SET PX, SET NX, DEL, PTTL) that
-//! both the embedded memory store and Redis implement; meaning (entries, generations,
-//! sessions, locks) is layered on top by callers. `Guarded` wraps a store with the failure
-//! policy: a per-call timeout, a circuit breaker that stops paying that timeout while the
-//! store is unhealthy, and metrics. Nothing here knows about HTTP.
+//! `Store` is a set of typed operations (an entry lookup with its generations and session,
+//! putting entries, initializing and bumping generations, sessions, leases) that both the
+//! embedded memory store and Redis implement. Keys are typed (`cache::key`), so a store
+//! never infers meaning from bytes. `Guarded` wraps a store with the failure policy (a
+//! per-call timeout, a circuit breaker that stops paying that timeout while the store is
+//! unhealthy, and metrics) and exposes the same operations: callers never reach the store
+//! past it. Nothing here knows about HTTP.
+
+pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::key::{EntryKey, GenKey, LeaseKey, SessionKey};
+use crate::labels::StoreOp;
 use crate::metrics::Metrics;
 
 /// A boxed, sendable future (the trait is object-safe so backends are interchangeable).
@@ -34,74 +41,104 @@ pub enum StoreError {
     Refused(String),
 }
 
+impl StoreError {
+    /// The failure's kind, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Timeout => "timeout",
+            StoreError::Unavailable => "circuit_open",
+            StoreError::Backend(_) => "error",
+            StoreError::Refused(_) => "refused",
+        }
+    }
+}
+
 /// The largest value read under a small key (a session token, a generation); a longer one
 /// reads as `SMALL_LIMIT + 1` bytes, which is never a valid token or generation.
 pub const SMALL_LIMIT: usize = 16 << 10;
 
-/// What one `read` found.
+/// What one lookup read. A value of a foreign type, or an empty one, reads as `None`.
 #[derive(Debug, Default)]
 pub struct Read {
     /// The entry's bytes; more than its limit means it is too large to be an entry.
     pub entry: Option<Bytes>,
-    /// The small keys' values, in order.
-    pub small: Vec<Option<Bytes>>,
+    /// The session value, when one was asked for.
+    pub session: Option<Bytes>,
+    /// The generations, in the order asked.
+    pub gens: Vec<Option<Bytes>>,
 }
 
-/// Batched key/value primitives. Each method is one round trip to the backend.
+/// The typed operations of a store. Each is one round trip to the backend (per
+/// connection); values are read bounded (entries at the given limit, small keys at
+/// `SMALL_LIMIT`), so a huge foreign value is never read whole.
 pub trait Store: Send + Sync + 'static {
-    /// Read an entry (at most `limit + 1` of its bytes) and small keys (at most
-    /// `SMALL_LIMIT + 1` bytes each) in one round trip; a value of a foreign type, or an
-    /// empty one, reads as `None`.
-    fn read<'a>(
+    /// Read an entry (at most `limit + 1` of its bytes), a session and generations.
+    fn lookup<'a>(
         &'a self,
-        entry: Option<(Vec<u8>, usize)>,
-        small: Vec<Vec<u8>>,
+        entry: Option<(&'a EntryKey, usize)>,
+        session: Option<&'a SessionKey>,
+        gens: &'a [GenKey],
     ) -> BoxFut<'a, Result<Read, StoreError>>;
-    /// SET each key to its value PX ttl, and PEXPIRE each `touch` key to `touch_ttl`.
+    /// Store entries for `ttl`, and extend their generations to `gen_ttl`.
     fn put<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
+        entries: Vec<(EntryKey, Bytes)>,
         ttl: Duration,
-        touch: Vec<Vec<u8>>,
-        touch_ttl: Duration,
+        gens: &'a [GenKey],
+        gen_ttl: Duration,
     ) -> BoxFut<'a, Result<(), StoreError>>;
-    /// For each (key, proposal): SET NX PX ttl, then GET; returns what each key holds now.
-    fn init_many<'a>(
+    /// Create absent generations (SET NX); returns what each holds now.
+    fn init_gens<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
+        items: Vec<(GenKey, Bytes)>,
         ttl: Duration,
     ) -> BoxFut<'a, Result<Vec<Option<Bytes>>, StoreError>>;
-    /// SET each key to its value, with PX ttl when given.
-    fn set_many<'a>(
+    /// Overwrite generations (unreadable ones being replaced).
+    fn set_gens<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
+        items: Vec<(GenKey, Bytes)>,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<(), StoreError>>;
+    /// Purge: give generations new values; a store that refuses writes for lack of memory
+    /// deletes them instead, which purges as surely (an absent generation matches nothing).
+    fn bump_gens<'a>(
+        &'a self,
+        items: Vec<(GenKey, Bytes)>,
+        ttl: Duration,
+    ) -> BoxFut<'a, Result<(), StoreError>>;
+    /// Make `token` the session, for `ttl` (or without expiry).
+    fn session_set<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        token: Bytes,
         ttl: Option<Duration>,
     ) -> BoxFut<'a, Result<(), StoreError>>;
-    /// Give generation keys new values (SET PX); a store that refuses writes for lack of
-    /// memory deletes them instead, which purges as surely.
-    fn bump<'a>(
+    /// End the session only if it still holds `token`; true when it did.
+    fn session_end<'a>(
         &'a self,
-        items: Vec<(Vec<u8>, Bytes)>,
-        ttl: Duration,
-    ) -> BoxFut<'a, Result<(), StoreError>>;
-    /// SET NX PX: true when this call created the key.
-    fn set_nx<'a>(
+        key: &'a SessionKey,
+        token: Bytes,
+    ) -> BoxFut<'a, Result<bool, StoreError>>;
+    /// End the session whatever it holds; true when there was one.
+    fn session_delete<'a>(&'a self, key: &'a SessionKey) -> BoxFut<'a, Result<bool, StoreError>>;
+    /// The session's remaining life: `None` when absent, `Some(None)` when it never expires.
+    fn session_ttl<'a>(
         &'a self,
-        key: Vec<u8>,
-        value: Bytes,
+        key: &'a SessionKey,
+    ) -> BoxFut<'a, Result<Option<Option<Duration>>, StoreError>>;
+    /// Take a fill lease (SET NX PX); true when this call got it.
+    fn lease_take<'a>(
+        &'a self,
+        key: &'a LeaseKey,
+        token: Bytes,
         ttl: Duration,
     ) -> BoxFut<'a, Result<bool, StoreError>>;
-    /// DEL: true when a key was removed.
-    fn del<'a>(&'a self, key: Vec<u8>) -> BoxFut<'a, Result<bool, StoreError>>;
-    /// DEL only when the key still holds `value` (lock release).
-    fn del_if_equals<'a>(
+    /// Give a lease back, only if it is still ours.
+    fn lease_release<'a>(
         &'a self,
-        key: Vec<u8>,
-        value: Bytes,
+        key: &'a LeaseKey,
+        token: Bytes,
     ) -> BoxFut<'a, Result<bool, StoreError>>;
-    /// PTTL: `None` when the key is missing, `Some(None)` when it never expires.
-    fn pttl<'a>(&'a self, key: Vec<u8>)
-    -> BoxFut<'a, Result<Option<Option<Duration>>, StoreError>>;
     /// A cheap liveness probe.
     fn ping(&self) -> BoxFut<'_, Result<(), StoreError>>;
     /// "memory" or "redis", for logs and readiness.
@@ -110,7 +147,7 @@ pub trait Store: Send + Sync + 'static {
     fn is_local(&self) -> bool {
         false
     }
-    /// Bytes and entries held, for a store that holds them in this process.
+    /// Bytes and items held, for a store that holds them in this process.
     fn stats(&self) -> Option<(u64, u64)> {
         None
     }
@@ -178,42 +215,8 @@ impl Breaker {
     }
 }
 
-/// Store operation labels for metrics.
-#[derive(Debug, Clone, Copy)]
-pub enum Op {
-    Lookup,
-    Put,
-    Init,
-    Bump,
-    Session,
-    Lock,
-    Ping,
-}
-
-impl Op {
-    pub const ALL: [Op; 7] = [
-        Op::Lookup,
-        Op::Put,
-        Op::Init,
-        Op::Bump,
-        Op::Session,
-        Op::Lock,
-        Op::Ping,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Lookup => "lookup",
-            Op::Put => "put",
-            Op::Init => "init",
-            Op::Bump => "bump",
-            Op::Session => "session",
-            Op::Lock => "lock",
-            Op::Ping => "ping",
-        }
-    }
-}
-
-/// A store behind the failure policy: timeout, breaker, metrics.
+/// A store behind the failure policy: timeout, breaker, metrics. Every operation of the
+/// store is one of its methods; the store itself is never handed out.
 pub struct Guarded {
     inner: Arc<dyn Store>,
     timeout: Duration,
@@ -237,10 +240,6 @@ impl Guarded {
         }
     }
 
-    pub fn store(&self) -> &dyn Store {
-        &*self.inner
-    }
-
     pub fn kind(&self) -> &'static str {
         self.inner.kind()
     }
@@ -248,6 +247,16 @@ impl Guarded {
     /// The per-call timeout.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// True for a store in this process.
+    pub fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
+
+    /// Bytes and items held, for an in-process store.
+    pub fn stats(&self) -> Option<(u64, u64)> {
+        self.inner.stats()
     }
 
     /// True while calls are being refused without trying.
@@ -270,14 +279,109 @@ impl Guarded {
         }
     }
 
-    /// Run one store call under the policy.
-    pub async fn call<T>(
+    pub async fn lookup(
         &self,
-        op: Op,
+        entry: Option<(&EntryKey, usize)>,
+        session: Option<&SessionKey>,
+        gens: &[GenKey],
+    ) -> Result<Read, StoreError> {
+        let op = if entry.is_none() && gens.is_empty() {
+            StoreOp::Session
+        } else {
+            StoreOp::Lookup
+        };
+        self.call(op, self.inner.lookup(entry, session, gens)).await
+    }
+
+    pub async fn put(
+        &self,
+        entries: Vec<(EntryKey, Bytes)>,
+        ttl: Duration,
+        gens: &[GenKey],
+        gen_ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.call(StoreOp::Put, self.inner.put(entries, ttl, gens, gen_ttl))
+            .await
+    }
+
+    pub async fn init_gens(
+        &self,
+        items: Vec<(GenKey, Bytes)>,
+        ttl: Duration,
+    ) -> Result<Vec<Option<Bytes>>, StoreError> {
+        self.call(StoreOp::Init, self.inner.init_gens(items, ttl))
+            .await
+    }
+
+    pub async fn set_gens(
+        &self,
+        items: Vec<(GenKey, Bytes)>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.call(StoreOp::Init, self.inner.set_gens(items, ttl))
+            .await
+    }
+
+    pub async fn bump_gens(
+        &self,
+        items: Vec<(GenKey, Bytes)>,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.call(StoreOp::Bump, self.inner.bump_gens(items, ttl))
+            .await
+    }
+
+    pub async fn session_set(
+        &self,
+        key: &SessionKey,
+        token: Bytes,
+        ttl: Option<Duration>,
+    ) -> Result<(), StoreError> {
+        self.call(StoreOp::Session, self.inner.session_set(key, token, ttl))
+            .await
+    }
+
+    pub async fn session_end(&self, key: &SessionKey, token: Bytes) -> Result<bool, StoreError> {
+        self.call(StoreOp::Session, self.inner.session_end(key, token))
+            .await
+    }
+
+    pub async fn session_delete(&self, key: &SessionKey) -> Result<bool, StoreError> {
+        self.call(StoreOp::Session, self.inner.session_delete(key))
+            .await
+    }
+
+    pub async fn session_ttl(
+        &self,
+        key: &SessionKey,
+    ) -> Result<Option<Option<Duration>>, StoreError> {
+        self.call(StoreOp::Session, self.inner.session_ttl(key))
+            .await
+    }
+
+    pub async fn lease_take(
+        &self,
+        key: &LeaseKey,
+        token: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.call(StoreOp::Lock, self.inner.lease_take(key, token, ttl))
+            .await
+    }
+
+    pub async fn lease_release(&self, key: &LeaseKey, token: Bytes) -> Result<bool, StoreError> {
+        self.call(StoreOp::Lock, self.inner.lease_release(key, token))
+            .await
+    }
+
+    /// Run one store call under the policy.
+    async fn call<T>(
+        &self,
+        op: StoreOp,
         fut: BoxFut<'_, Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         if !self.breaker.allow() {
-            self.metrics.store_error(op, "circuit_open");
+            self.metrics.store_error(op);
             return Err(StoreError::Unavailable);
         }
         let start = Instant::now();
@@ -298,18 +402,11 @@ impl Guarded {
             }
             Err(e @ StoreError::Refused(_)) => {
                 // Reachable, but saying no: not a health problem, and not for the breaker.
-                self.metrics.store_error(op, "refused");
+                self.metrics.store_error(op);
                 self.warn_rate_limited(op, e, false);
             }
             Err(e) => {
-                self.metrics.store_error(
-                    op,
-                    if matches!(e, StoreError::Timeout) {
-                        "timeout"
-                    } else {
-                        "error"
-                    },
-                );
+                self.metrics.store_error(op);
                 if let Ok(mut last) = self.last_error.lock() {
                     *last = Some(e.to_string());
                 }
@@ -323,14 +420,15 @@ impl Guarded {
         result
     }
 
-    fn warn_rate_limited(&self, op: Op, e: &StoreError, opened: bool) {
-        let now = crate::cache::policy::now_ms();
+    fn warn_rate_limited(&self, op: StoreOp, e: &StoreError, opened: bool) {
+        let now = crate::clock::now_ms();
         let last = self.last_warn_ms.load(Ordering::Relaxed);
         if opened || now.saturating_sub(last) >= 5_000 {
             self.last_warn_ms.store(now, Ordering::Relaxed);
             tracing::warn!(
                 store = self.inner.kind(),
                 op = op.as_str(),
+                kind = e.kind(),
                 error = %e,
                 circuit_open = self.breaker.is_open(),
                 "store call failed; cache bypassed"
@@ -369,7 +467,7 @@ impl Guarded {
                 );
             }
         } else {
-            self.metrics.store_error(Op::Ping, "error");
+            self.metrics.store_error(StoreOp::Ping);
         }
         ok
     }

@@ -1,7 +1,8 @@
 //! The upstream client: pooled keep-alive HTTP/1.1 connections to `[upstream] url`.
 //!
-//! It turns transport failures into `ProxyError`s (connect -> 502, no answer in time -> 504)
-//! and wraps every response body in an idle timeout. It never looks at caching.
+//! It names transport failures (`UpstreamError`: could not connect, no answer in time, a
+//! broken answer, the client's upload stalled) and wraps every response body in an idle
+//! timeout. It never looks at caching.
 
 use std::time::Duration;
 
@@ -15,9 +16,24 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use std::sync::Arc;
 
-use super::body::{BoxError, ClientBodyStalled, IdleTimeout, Progress};
-use super::error::ProxyError;
+use crate::body::{BoxError, ClientBodyStalled, IdleTimeout, Progress};
 use crate::config::UpstreamConfig;
+
+/// Why an upstream request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to the upstream: {0}")]
+    Connect(String),
+    #[error("upstream did not answer in time")]
+    Timeout,
+    #[error("upstream request failed: {0}")]
+    Protocol(String),
+    /// The client stopped sending the request body being forwarded.
+    #[error("the client stopped sending its request body")]
+    ClientBodyStalled,
+    #[error("cannot build the upstream URI: {0}")]
+    Uri(String),
+}
 
 /// Request body type sent upstream.
 pub type UpBody = BoxBody<Bytes, BoxError>;
@@ -50,7 +66,7 @@ impl Upstream {
     }
 
     /// The upstream URI for a request's path and query (the base path is prefixed).
-    pub fn uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+    pub fn uri(&self, path_and_query: &str) -> Result<Uri, UpstreamError> {
         let mut pq = String::with_capacity(self.cfg.base_path.len() + path_and_query.len());
         pq.push_str(&self.cfg.base_path);
         pq.push_str(path_and_query);
@@ -59,7 +75,7 @@ impl Upstream {
             .authority(self.cfg.authority.clone())
             .path_and_query(pq)
             .build()
-            .map_err(|e| ProxyError::Internal(format!("cannot build upstream URI: {e}")))
+            .map_err(|e| UpstreamError::Uri(e.to_string()))
     }
 
     /// Send a request; the response head must arrive within `[upstream] timeout` of the
@@ -69,7 +85,7 @@ impl Upstream {
         &self,
         req: Request<UpBody>,
         progress: Option<Arc<Progress>>,
-    ) -> Result<Response<DownBody>, ProxyError> {
+    ) -> Result<Response<DownBody>, UpstreamError> {
         let fut = self.client.request(req);
         tokio::pin!(fut);
         let started = tokio::time::Instant::now();
@@ -86,19 +102,19 @@ impl Upstream {
                         tokio::time::Instant::from_std(p.last()) > since
                     });
                     if !moved {
-                        return Err(ProxyError::UpstreamTimeout);
+                        return Err(UpstreamError::Timeout);
                     }
                 }
             }
         };
         let resp = match result {
             Err(e) if has_source::<ClientBodyStalled>(&e) => {
-                return Err(ProxyError::ClientBodyTimeout);
+                return Err(UpstreamError::ClientBodyStalled);
             }
             Err(e) if e.is_connect() => {
-                return Err(ProxyError::UpstreamConnect(error_chain(&e)));
+                return Err(UpstreamError::Connect(error_chain(&e)));
             }
-            Err(e) => return Err(ProxyError::UpstreamProtocol(error_chain(&e))),
+            Err(e) => return Err(UpstreamError::Protocol(error_chain(&e))),
             Ok(resp) => resp,
         };
         let timeout = self.cfg.timeout;

@@ -1,4 +1,5 @@
-//! Request coalescing: at most one upstream fill per cache key per process.
+//! Fill once: at most one upstream fill per cache key per process (flights), and, with
+//! `[cache] distributed_lock`, one across the instances sharing a store (leases).
 //!
 //! The first miss for a key becomes the leader; concurrent misses wait for its entry. A
 //! flight is keyed by the full entry key (which includes the user scope), so a waiter can
@@ -13,11 +14,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
-use super::entry::Entry;
-use super::key::Id;
+use super::entry::{Entry, flags as entry_flags};
+use super::key::{Id, LeaseKey};
+use super::store::Guarded;
+use super::{Cache, Found, random_u64};
 
 /// What a flight's waiters see.
 #[derive(Clone)]
@@ -216,6 +221,83 @@ impl Drop for Leader {
             .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
         {
             map.remove(&self.id);
+        }
+    }
+}
+
+/// How often a request waiting on another instance's fill looks for the entry.
+const LEASE_POLL: Duration = Duration::from_millis(20);
+
+/// A lease on a key's fill, held in the store so instances sharing it fill once.
+/// Dropping it gives it back (only if it is still ours), whatever way the fill ended: a
+/// fill abandoned mid-body must not leave other instances waiting for the lease to expire.
+pub struct Lease {
+    store: Arc<Guarded>,
+    key: LeaseKey,
+    token: Bytes,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // shutting down: the lease expires by itself
+        };
+        let store = self.store.clone();
+        let key = std::mem::replace(&mut self.key, LeaseKey(Vec::new()));
+        let token = std::mem::take(&mut self.token);
+        runtime.spawn(async move {
+            let _ = store.lease_release(&key, token).await;
+        });
+    }
+}
+
+/// How taking a key's lease ended.
+pub enum LeaseOutcome {
+    Held(Lease),
+    /// Another instance filled the key while we waited.
+    Filled(Entry),
+    /// No lease (store error, or the wait timed out): fill anyway.
+    Proceed,
+}
+
+/// Take the lease of a fill of `id` (whose tags were recorded at `recorded`), or wait,
+/// polling the store, for the instance holding it to store the entry, at most `wait`.
+/// Returns the outcome and how long it waited.
+pub async fn take_lease(
+    cache: &Cache,
+    id: &Id,
+    tags: &[Id],
+    recorded: &[u64],
+    lease_ttl: Duration,
+    wait: Duration,
+) -> (LeaseOutcome, Option<Duration>) {
+    let store = cache.store();
+    let key = cache.keys().lease(id);
+    let token = Bytes::from(random_u64().to_string());
+    let gens: Vec<Option<u64>> = recorded.iter().map(|g| Some(*g)).collect();
+    let started = Instant::now();
+    loop {
+        match store.lease_take(&key, token.clone(), lease_ttl).await {
+            Ok(true) => {
+                let lease = Lease {
+                    store: store.clone(),
+                    key,
+                    token,
+                };
+                return (LeaseOutcome::Held(lease), None);
+            }
+            Ok(false) => {}
+            Err(_) => return (LeaseOutcome::Proceed, None),
+        }
+        if started.elapsed() >= wait {
+            return (LeaseOutcome::Proceed, Some(started.elapsed()));
+        }
+        tokio::time::sleep(LEASE_POLL).await;
+        if let Ok(Found::Entry(e)) = cache.lookup_entry(id, tags, &gens).await
+            && e.flags & entry_flags::VARY_INDEX == 0
+            && crate::clock::now_ms() < e.fresh_until_ms
+        {
+            return (LeaseOutcome::Filled(e), Some(started.elapsed()));
         }
     }
 }

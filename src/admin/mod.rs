@@ -1,10 +1,13 @@
-//! The admin listener: metrics, health and readiness, and the admin API (sessions; purge and
-//! explain come with their features).
+//! The admin listener: metrics, health and readiness, and the admin API (sessions, purge,
+//! explain, reload).
 //!
 //! `/metrics`, `/healthz` and `/readyz` are open (scrapers and orchestrators call them). Every
 //! other endpoint needs `Authorization: Bearer <admin token>` from `[admin] token_env`, compared
-//! in constant time, and is refused outright when no admin token is configured. It must never
-//! be reachable through the proxy listener, and it never returns a session token.
+//! in constant time, refused after repeated failures from one address, and refused outright
+//! when no admin token is configured. It must never be reachable through the proxy listener,
+//! and it never returns a session token.
+
+pub mod explain;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -16,13 +19,12 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use subtle::ConstantTimeEq;
 
+use crate::app::App;
 use crate::auth::valid_subject;
+use crate::body::{ProxyBody, full};
 use crate::cache::key;
-use crate::cache::store::Op;
-use crate::proxy::Engine;
-use crate::proxy::body::{ProxyBody, full};
 use crate::proxy::error::{json_error, json_response};
-use crate::purge::Trigger;
+use crate::purge::{Purged, Trigger};
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body.into()));
@@ -81,7 +83,7 @@ impl Limiter {
 
 /// Serve one admin request.
 pub async fn handle(
-    engine: Arc<Engine>,
+    app: Arc<App>,
     limiter: &Limiter,
     req: Request<Incoming>,
     peer: SocketAddr,
@@ -89,11 +91,11 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
-            if let Some((bytes, entries)) = engine.cache.store().store().stats() {
-                engine.metrics.store_bytes.set(bytes as i64);
-                engine.metrics.store_entries.set(entries as i64);
+            if let Some((bytes, entries)) = app.cache.store().stats() {
+                app.metrics.store_bytes.set(bytes as i64);
+                app.metrics.store_entries.set(entries as i64);
             }
-            let mut resp = text(StatusCode::OK, engine.metrics.render());
+            let mut resp = text(StatusCode::OK, app.metrics.render());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -102,7 +104,7 @@ pub async fn handle(
         }
         (&Method::GET, "/healthz") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            return match engine.readiness() {
+            return match app.readiness() {
                 Ok(()) => text(StatusCode::OK, "ready\n"),
                 Err(why) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -113,7 +115,7 @@ pub async fn handle(
         _ => {}
     }
     if limiter.limited(peer.ip()) {
-        engine.metrics.admin_auth_failures.inc();
+        app.metrics.admin_auth_failures.inc();
         let mut resp = json_error(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_failures",
@@ -123,18 +125,28 @@ pub async fn handle(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return resp;
     }
-    if let Some(refused) = refuse_unauthorized(&engine, &req) {
+    if let Some(refused) = refuse_unauthorized(&app, &req) {
         if refused.status() == StatusCode::UNAUTHORIZED {
-            engine.metrics.admin_auth_failures.inc();
+            app.metrics.admin_auth_failures.inc();
             limiter.failed(peer.ip());
         }
         return refused;
     }
     if let Some(sub) = path.strip_prefix("/sessions/") {
-        return sessions(&engine, req.method(), sub).await;
+        return sessions(&app, req.method(), sub).await;
     }
     if path == "/explain" {
-        return explain(&engine, req.uri().query().unwrap_or("")).await;
+        return explain(&app, req.uri().query().unwrap_or("")).await;
+    }
+    if path == "/reload" {
+        if req.method() != Method::POST {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "use POST",
+            );
+        }
+        return reload(&app).await;
     }
     if path == "/purge" {
         if req.method() != Method::POST {
@@ -144,15 +156,16 @@ pub async fn handle(
                 "use POST",
             );
         }
-        return purge(&engine, req).await;
+        return purge(&app, req).await;
     }
     json_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
 }
 
 /// The admin token check: the refusal to send, if any. Refuses everything when no token is
 /// configured.
-fn refuse_unauthorized(engine: &Engine, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
-    let Some(expected) = engine.config.admin.token.as_deref() else {
+fn refuse_unauthorized(app: &App, req: &Request<Incoming>) -> Option<Response<ProxyBody>> {
+    let live = app.live();
+    let Some(expected) = live.config.admin.token.as_deref() else {
         return Some(json_error(
             StatusCode::FORBIDDEN,
             "admin_disabled",
@@ -187,7 +200,7 @@ fn refuse_unauthorized(engine: &Engine, req: &Request<Incoming>) -> Option<Respo
 
 /// `GET /explain?method=GET&url=/user/42&host=api.example.com[&sub=42]`: which rule
 /// matched, the key parts, the cacheability decision and why, and what is stored.
-async fn explain(engine: &Engine, query: &str) -> Response<ProxyBody> {
+async fn explain(app: &App, query: &str) -> Response<ProxyBody> {
     let mut method = "GET".to_string();
     let mut url = None;
     let mut host = None;
@@ -216,15 +229,40 @@ async fn explain(engine: &Engine, query: &str) -> Response<ProxyBody> {
             "url is required, e.g. /explain?method=GET&url=/user/42&host=api.example.com",
         );
     };
-    let report = engine
-        .explain(crate::proxy::Explain {
+    let report = explain::explain(
+        app,
+        explain::Query {
             method: &method,
             url: &url,
             host: host.as_deref(),
             sub: sub.as_deref(),
-        })
-        .await;
+        },
+    )
+    .await;
     json_response(StatusCode::OK, &report)
+}
+
+/// `POST /reload`: read the config file again; 200 with what changed, or 400 with every
+/// problem in the file (the running configuration stays).
+async fn reload(app: &App) -> Response<ProxyBody> {
+    match app.reload().await {
+        Ok(r) => json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "reloaded": true,
+                "rules": r.rules,
+                "restart_needed": r.restart_needed,
+            }),
+        ),
+        Err(e) => json_response(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({
+                "error": "invalid_config",
+                "detail": "the file was not loaded; the running configuration stays",
+                "problems": e.lines(),
+            }),
+        ),
+    }
 }
 
 /// The largest purge request body accepted.
@@ -245,9 +283,9 @@ struct PurgeRequest {
 
 /// `POST /purge` with `{"tags": [...]}`, `{"paths": [...]}` or `{"all": true}`:
 /// one bump per tag (a path means its implicit tag, i.e. all its variants).
-async fn purge(engine: &Engine, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn purge(app: &App, req: Request<Incoming>) -> Response<ProxyBody> {
     let bad = |detail: &str| json_error(StatusCode::BAD_REQUEST, "bad_request", detail);
-    let body = match crate::proxy::body::collect_limited(req.into_body(), MAX_PURGE_BODY).await {
+    let body = match crate::body::collect_limited(req.into_body(), MAX_PURGE_BODY).await {
         Ok(Some(b)) => b,
         Ok(None) => return bad("the body is larger than 64 KiB"),
         Err(_) => return bad("the body could not be read"),
@@ -287,19 +325,23 @@ async fn purge(engine: &Engine, req: Request<Incoming>) -> Response<ProxyBody> {
     }
     ids.sort_by_key(|id| id.0);
     ids.dedup();
-    let outcome = engine.purge_tags(&ids, Trigger::Admin, None).await;
+    let live = app.live();
+    let outcome = app
+        .purger
+        .purge(&ids, Trigger::Admin, live.rule_metrics(None))
+        .await;
     json_response(
         StatusCode::OK,
         &serde_json::json!({
             "bumped": ids.len(),
-            "queued": outcome == crate::purge::Purged::Queued,
+            "queued": outcome == Purged::Queued,
         }),
     )
 }
 
 /// `GET /sessions/{sub}` (exists + TTL, never the token) and `DELETE /sessions/{sub}`
 /// (force logout: delete the key and drop the subject's cached entries).
-async fn sessions(engine: &Engine, method: &Method, raw_sub: &str) -> Response<ProxyBody> {
+async fn sessions(app: &App, method: &Method, raw_sub: &str) -> Response<ProxyBody> {
     let Some(sub) = crate::normalize::percent_decode(raw_sub).filter(|s| valid_subject(s)) else {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -307,7 +349,8 @@ async fn sessions(engine: &Engine, method: &Method, raw_sub: &str) -> Response<P
             "the subject must be 1-256 visible ASCII characters",
         );
     };
-    let gate = &engine.config.auth.gate;
+    let live = app.live();
+    let gate = &live.config.auth.gate;
     let Some(session_key) = gate.template.render_subject(&gate.subject_claim, &sub) else {
         return json_error(
             StatusCode::BAD_REQUEST,
@@ -315,12 +358,8 @@ async fn sessions(engine: &Engine, method: &Method, raw_sub: &str) -> Response<P
             "auth.session_key names claims besides the subject; sessions cannot be addressed by subject alone",
         );
     };
-    let store = engine.cache.store();
     match *method {
-        Method::GET => match store
-            .call(Op::Session, store.store().pttl(session_key.into_bytes()))
-            .await
-        {
+        Method::GET => match app.sessions.ttl(&session_key).await {
             Ok(ttl) => json_response(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -336,10 +375,7 @@ async fn sessions(engine: &Engine, method: &Method, raw_sub: &str) -> Response<P
             ),
         },
         Method::DELETE => {
-            let deleted = match store
-                .call(Op::Session, store.store().del(session_key.into_bytes()))
-                .await
-            {
+            let deleted = match app.sessions.delete(&session_key).await {
                 Ok(d) => d,
                 Err(e) => {
                     return json_error(
@@ -349,8 +385,12 @@ async fn sessions(engine: &Engine, method: &Method, raw_sub: &str) -> Response<P
                     );
                 }
             };
-            engine
-                .purge_tags(&[key::subject_tag(&sub)], Trigger::Logout, None)
+            app.purger
+                .purge(
+                    &[key::subject_tag(&sub)],
+                    Trigger::Logout,
+                    live.rule_metrics(None),
+                )
                 .await;
             json_response(
                 StatusCode::OK,
