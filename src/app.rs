@@ -213,7 +213,9 @@ impl App {
                 "reload: this setting changed but needs a restart; the running value stays"
             );
         }
-        let live = Live::new(config, &self.metrics);
+        let live = Arc::new(Live::new(config, &self.metrics));
+        // The new snapshot first: requests from now on see it, then the shared state follows.
+        self.live.store(live.clone());
         let names: Vec<&str> = live.config.rules.rules().iter().map(|r| &*r.name).collect();
         self.metrics.retain_rules(&names);
         self.cache
@@ -222,7 +224,6 @@ impl App {
             .auth_weak_secret
             .set(i64::from(live.config.auth.weak_secret));
         let rules = live.config.rules.rules().len();
-        self.live.store(Arc::new(live));
         self.metrics.reload(ReloadResult::Success);
         tracing::info!(rules, "configuration reloaded");
         Ok(Reloaded {

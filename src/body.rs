@@ -44,6 +44,8 @@ pub struct IdleTimeout<B> {
     inner: B,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
+    /// The clock starts at the first poll: time before anyone reads is not the body's.
+    armed: bool,
     progress: Option<Arc<Progress>>,
     stalled: fn() -> BoxError,
 }
@@ -55,6 +57,7 @@ impl<B> IdleTimeout<B> {
             inner,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
             progress: None,
             stalled: || Box::new(BodyStalled),
         }
@@ -74,6 +77,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if !this.armed {
+            this.armed = true;
+            this.sleep.as_mut().reset(Instant::now() + this.timeout);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some(p) = &this.progress {
@@ -159,6 +166,7 @@ impl Upload {
             inner,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            armed: false,
             progress: Some(progress.clone()),
             stalled: || Box::new(ClientBodyStalled),
         };

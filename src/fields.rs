@@ -48,6 +48,11 @@ pub fn never_filled(name: &HeaderName) -> Option<&'static str> {
     {
         return Some("cachegate sets this header on every fill itself");
     }
+    if name == header::AUTHORIZATION || name == header::COOKIE {
+        return Some(
+            "a credential is never sent on a fill (scope = \"user\" forwards the user's own Authorization)",
+        );
+    }
     if HOP_BY_HOP.contains(name) {
         return Some("a hop-by-hop header is never forwarded");
     }

@@ -123,24 +123,28 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn run(cfg: Config, path: PathBuf) -> anyhow::Result<()> {
-    let app = cachegate::app::App::new(cfg, Some(path))?;
-    let running = cachegate::server::start_app(app.clone()).await?;
-    serve_until_stopped(&app).await;
-    running.shutdown().await;
-    tracing::info!("stopped");
-    Ok(())
-}
-
-/// Reload on SIGHUP; return on SIGTERM or SIGINT.
-async fn serve_until_stopped(app: &cachegate::app::App) {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
+    // Listen for SIGHUP before anything else: its default action would end the process.
+    let hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP; reload through the admin API");
             None
         }
     };
+    let app = cachegate::app::App::new(cfg, Some(path))?;
+    let running = cachegate::server::start_app(app.clone()).await?;
+    serve_until_stopped(&app, hup).await;
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Reload on SIGHUP; return on SIGTERM or SIGINT.
+async fn serve_until_stopped(
+    app: &cachegate::app::App,
+    mut hup: Option<tokio::signal::unix::Signal>,
+) {
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {

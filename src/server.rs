@@ -246,6 +246,10 @@ impl tokio::io::AsyncWrite for Rewind {
 /// hyper's default HTTP/1 header count.
 const DEFAULT_MAX_HEADERS: usize = 100;
 
+/// At the connection limit with every connection busy: how often to look again for one
+/// gone idle.
+const EVICT_RETRY: Duration = Duration::from_millis(100);
+
 /// How long a connection told to close may take to finish what it is writing.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -259,6 +263,8 @@ struct Conn {
     served: AtomicBool,
     /// Told to close (evicted to make room).
     close: Notify,
+    /// Chosen for eviction and not yet closed: never chosen twice.
+    closing: AtomicBool,
     /// Nothing is in flight any more: the watchdog's idle clock starts.
     idle: Notify,
     /// Milliseconds (on the table's clock, plus one) since which the client has not taken
@@ -297,6 +303,7 @@ impl Conns {
             idle_since_ms: AtomicU64::new(self.now_ms()),
             served: AtomicBool::new(false),
             close: Notify::new(),
+            closing: AtomicBool::new(false),
             idle: Notify::new(),
             write_blocked_since_ms: AtomicU64::new(0),
         });
@@ -314,10 +321,13 @@ impl Conns {
         let open = self.lock();
         let oldest = open
             .values()
-            .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
+            .filter(|c| {
+                c.in_flight.load(Ordering::Acquire) == 0 && !c.closing.load(Ordering::Relaxed)
+            })
             .min_by_key(|c| c.idle_since_ms.load(Ordering::Relaxed));
         match oldest {
             Some(c) => {
+                c.closing.store(true, Ordering::Relaxed);
                 c.close.notify_one();
                 true
             }
@@ -403,11 +413,23 @@ async fn serve_proxy(app: Arc<App>, listener: TcpListener, mut stopped: watch::R
             Ok(p) => p,
             Err(_) => {
                 // Full: a new client gets in by closing the connection idle the longest
-                // (silent sockets first of all); if every one is busy it waits its turn.
-                conns.evict_oldest_idle();
-                tokio::select! {
-                    p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                    _ = stopped.changed() => break,
+                // (silent sockets first of all); while every one is busy it waits, and
+                // looks again for one gone idle every EVICT_RETRY.
+                let mut got = None;
+                while got.is_none() {
+                    conns.evict_oldest_idle();
+                    tokio::select! {
+                        p = limit.clone().acquire_owned() => match p {
+                            Ok(p) => got = Some(p),
+                            Err(_) => break,
+                        },
+                        _ = tokio::time::sleep(EVICT_RETRY) => {}
+                        _ = stopped.changed() => break,
+                    }
+                }
+                match got {
+                    Some(p) => p,
+                    None => break,
                 }
             }
         };
@@ -563,7 +585,13 @@ async fn watch_connection<C: std::future::Future>(
             _ = served.as_mut() => return,
             _ = tokio::time::sleep(wait) => {}
             _ = conn.idle.notified() => {}
-            _ = conn.close.notified() => break,
+            _ = conn.close.notified() => {
+                if conn.in_flight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                // A request arrived after it was chosen: it stays, someone else goes.
+                conn.closing.store(false, Ordering::Relaxed);
+            }
             _ = stopped.changed(), if !stopping => {
                 // Stop taking requests; in-flight ones finish (the server bounds the wait).
                 stopping = true;

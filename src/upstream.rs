@@ -31,7 +31,7 @@ pub enum UpstreamError {
     /// The client stopped sending the request body being forwarded.
     #[error("the client stopped sending its request body")]
     ClientBodyStalled,
-    #[error("cannot build the upstream URI: {0}")]
+    #[error("{0}")]
     Uri(String),
 }
 
@@ -75,7 +75,7 @@ impl Upstream {
             .authority(self.cfg.authority.clone())
             .path_and_query(pq)
             .build()
-            .map_err(|e| UpstreamError::Uri(e.to_string()))
+            .map_err(|e| UpstreamError::Uri(format!("cannot build upstream URI: {e}")))
     }
 
     /// Send a request; the response head must arrive within `[upstream] timeout` of the

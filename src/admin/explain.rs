@@ -163,6 +163,9 @@ pub async fn explain(app: &App, q: Query<'_>) -> serde_json::Value {
                 let now = now_ms();
                 match l.found {
                     Found::Absent => json!({ "state": "absent" }),
+                    Found::Unavailable => {
+                        json!({ "state": "unknown", "error": "the entry could not be read" })
+                    }
                     Found::Dead => {
                         json!({ "state": "dead", "why": "a tag was purged after the fill" })
                     }

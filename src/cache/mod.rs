@@ -55,6 +55,8 @@ pub enum Found {
     Dead,
     /// Bytes that are not a valid entry for this key (treated as a miss, then overwritten).
     Corrupt,
+    /// The entry could not be read (its generations and session could).
+    Unavailable,
 }
 
 /// The result of one lookup round trip.
@@ -150,7 +152,16 @@ impl Cache {
 
     /// Decode what was read under an entry key: too large, foreign or malformed bytes are
     /// a corrupt entry (a miss, overwritten by the next fill).
-    fn found(&self, raw: Option<Bytes>, id: &Id, tags: &[Id], gens: &[Option<u64>]) -> Found {
+    fn found(
+        &self,
+        raw: Result<Option<Bytes>, StoreError>,
+        id: &Id,
+        tags: &[Id],
+        gens: &[Option<u64>],
+    ) -> Found {
+        let Ok(raw) = raw else {
+            return Found::Unavailable;
+        };
         match raw {
             None => Found::Absent,
             Some(bytes) if bytes.len() > self.entry_limit() => Found::Corrupt,
@@ -267,7 +278,8 @@ impl Cache {
             .store
             .lookup(Some((&key, self.entry_limit())), None, &[])
             .await?;
-        Ok(self.found(read.entry, id, tags, gens))
+        let raw = read.entry?;
+        Ok(self.found(Ok(raw), id, tags, gens))
     }
 
     /// Purge: give each tag a new generation (one round trip).

@@ -15,8 +15,8 @@ use http::uri::Scheme;
 use toml::Spanned;
 
 use super::file::{
-    AdminFile, AuthFile, Backend, CacheFile, FileConfig, OnStoreErrorFile, QueryFile, RuleFile,
-    ScopeFile, ServerFile, StoreFile, UpstreamFile, Val,
+    AdminFile, AuthFile, Backend, CacheFile, DefaultPolicy, FileConfig, OnStoreErrorFile,
+    QueryFile, RuleFile, ScopeFile, ServerFile, StoreFile, UpstreamFile, Val,
 };
 use super::units::format_duration;
 use super::{
@@ -122,7 +122,7 @@ pub fn compile(cx: &mut Cx<'_>, f: FileConfig) -> Config {
     let cache = compile_cache(cx, &f.cache);
     let auth = compile_auth(cx, f.auth.as_ref());
     let admin = compile_admin(cx, &f.admin);
-    let rules = compile_rules(cx, &f.rules, auth.default);
+    let rules = compile_rules(cx, &f.rules, auth.default, &cache.credential_headers);
     Config {
         server,
         upstream,
@@ -416,15 +416,9 @@ fn compile_auth(cx: &mut Cx<'_>, f: Option<&Spanned<AuthFile>>) -> AuthConfig {
         Some(s) => (s.get_ref(), s.span()),
         None => (&empty, 0..0),
     };
-    let default = match &f.default {
-        Some(p) if *p.get_ref() == Policy::Optional => {
-            cx.err(
-                p.span(),
-                "auth.default: \"optional\" is not a policy for unmatched paths (use \"none\" or \"required\")",
-            );
-            Policy::None
-        }
-        other => get(other, Policy::None),
+    let default = match get(&f.default, DefaultPolicy::None) {
+        DefaultPolicy::None => Policy::None,
+        DefaultPolicy::Required => Policy::Required,
     };
     let template_text = f
         .session_key
@@ -686,11 +680,16 @@ fn compile_admin(cx: &mut Cx<'_>, f: &AdminFile) -> AdminConfig {
     AdminConfig { token }
 }
 
-fn compile_rules(cx: &mut Cx<'_>, rules: &[Spanned<RuleFile>], default_auth: Policy) -> RuleTable {
+fn compile_rules(
+    cx: &mut Cx<'_>,
+    rules: &[Spanned<RuleFile>],
+    default_auth: Policy,
+    credentials: &[HeaderName],
+) -> RuleTable {
     let mut compiled: Vec<Rule> = Vec::with_capacity(rules.len());
     let mut match_spans = Vec::with_capacity(rules.len());
     for r in rules {
-        if let Some((rule, span)) = compile_rule(cx, r, default_auth, &compiled) {
+        if let Some((rule, span)) = compile_rule(cx, r, default_auth, credentials, &compiled) {
             compiled.push(rule);
             match_spans.push(span);
         }
@@ -710,6 +709,7 @@ fn compile_rule(
     cx: &mut Cx<'_>,
     r: &Spanned<RuleFile>,
     default_auth: Policy,
+    credentials: &[HeaderName],
     earlier: &[Rule],
 ) -> Option<(Rule, Range<usize>)> {
     let table_span = r.span();
@@ -795,13 +795,18 @@ fn compile_rule(
             cx.err(
                 v.span(),
                 format!(
-                    "rule {rule_name:?}: fill_headers {:?} is not a header name",
+                    "rule {rule_name:?}: fill_headers: {:?} is not a header name",
                     v.get_ref()
                 ),
             );
             continue;
         };
-        if let Some(why) = crate::fields::never_filled(&name) {
+        let why = crate::fields::never_filled(&name).or_else(|| {
+            credentials
+                .contains(&name)
+                .then_some("a credential is never sent on a fill (scope = \"user\" forwards the user's own Authorization)")
+        });
+        if let Some(why) = why {
             cx.err(
                 v.span(),
                 format!("rule {rule_name:?}: fill_headers {:?}: {why}", v.get_ref()),

@@ -54,6 +54,21 @@ impl Choice for Policy {
     ];
 }
 
+/// `auth.default`: the policy of paths no rule matches (never "optional").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultPolicy {
+    None,
+    Required,
+}
+
+impl Choice for DefaultPolicy {
+    const WHAT: &'static str = "a policy";
+    const CHOICES: &'static [(&'static str, Self)] = &[
+        ("none", DefaultPolicy::None),
+        ("required", DefaultPolicy::Required),
+    ];
+}
+
 /// `rule.scope` as written (anonymous sharing is what no scope means).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScopeFile {
@@ -154,7 +169,7 @@ pub struct CacheFile {
 
 #[derive(Debug, Default)]
 pub struct AuthFile {
-    pub default: Val<Policy>,
+    pub default: Val<DefaultPolicy>,
     pub session_key: Val<String>,
     pub subject_claim: Val<String>,
     pub jwt_secret_env: Val<String>,

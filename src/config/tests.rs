@@ -304,6 +304,13 @@ fn an_unkeyed_fill_header_is_a_config_error() {
         err(&text.replace("X-Tenant", "Forwarded"))
             .contains("cachegate sets this header on every fill itself")
     );
+    let credential = format!("{text}fill_headers_unkeyed_ok = true\n");
+    for name in ["Authorization", "Cookie", "X-Api-Key"] {
+        assert!(
+            err(&credential.replace("X-Tenant", name)).contains("a credential is never sent"),
+            "{name}"
+        );
+    }
 }
 
 #[test]

@@ -50,8 +50,14 @@ impl Route {
     }
 }
 
-/// Classify `parts` (and put its headers in shape to be forwarded).
-pub fn classify(live: &Live, parts: &mut Parts, client: SocketAddr) -> Result<Route, ProxyError> {
+/// Classify `parts` (and put its headers in shape to be forwarded). `matched` learns the
+/// rule as soon as it is known, so a request refused later still counts against it.
+pub fn classify(
+    live: &Live,
+    parts: &mut Parts,
+    client: SocketAddr,
+    matched: &mut Option<usize>,
+) -> Result<Route, ProxyError> {
     if parts.headers.len() > live.config.server.max_header_count {
         // HTTP/1 is refused by hyper already; this holds HTTP/2 to the same limit.
         return Err(ProxyError::TooManyHeaders);
@@ -68,15 +74,16 @@ pub fn classify(live: &Live, parts: &mut Parts, client: SocketAddr) -> Result<Ro
     };
     let config = &live.config;
     let route = config.rules.at(&path);
+    *matched = route.as_ref().map(|m| m.rule.index);
     // A method or URL override: the upstream may run another method or serve another path
     // than the one routed here, so such a request is never cached, is gated by the
     // stricter of both paths' policies, and purges like the write it may be.
     let overrides = headers::overrides(&parts.headers, query);
-    let override_path = match overrides.url.as_deref() {
-        None => None,
-        Some(url) => Some(override_target(url)?),
-    };
-    let override_route = override_path.as_deref().and_then(|p| config.rules.at(p));
+    let override_paths = overrides
+        .urls
+        .iter()
+        .map(|url| override_target(url))
+        .collect::<Result<Vec<String>, ProxyError>>()?;
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::set_forwarded(&mut parts.headers, client.ip(), &host);
     parts.headers.insert(header::HOST, host.clone());
@@ -99,21 +106,23 @@ pub fn classify(live: &Live, parts: &mut Parts, client: SocketAddr) -> Result<Ro
         Policy::None if is_logout => Policy::Optional,
         p => p,
     };
-    let policy = match &override_route {
-        Some(m) => policy.stricter(m.rule.auth),
-        None if override_path.is_some() => policy.stricter(auth.default),
-        None => policy,
-    };
+    // Every overriding URL is gated as if it were the path: the strictest policy wins.
+    let policy = override_paths.iter().fold(policy, |policy, p| {
+        let theirs = config
+            .rules
+            .at(p)
+            .map(|m| m.rule.auth)
+            .unwrap_or(auth.default);
+        policy.stricter(theirs)
+    });
     let is_read = parts.method == http::Method::GET || parts.method == http::Method::HEAD;
     let is_write = !method_is_safe(&parts.method) || overrides.write;
     let mut write_tags = Vec::new();
     if is_write {
         write_tags = tags::write_tags(&path, route.as_ref().map(|m| (m.rule, &m.params)));
-        if let Some(p) = &override_path {
-            write_tags.extend(tags::write_tags(
-                p,
-                override_route.as_ref().map(|m| (m.rule, &m.params)),
-            ));
+        for p in &override_paths {
+            let m = config.rules.at(p);
+            write_tags.extend(tags::write_tags(p, m.as_ref().map(|m| (m.rule, &m.params))));
         }
     }
     let rule_tags = match &route {

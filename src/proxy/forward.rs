@@ -51,6 +51,7 @@ pub async fn forward(
     cx.upstream_ms = Some(elapsed.as_secs_f64() * 1000.0);
     cx.rule_metrics().upstream.observe(elapsed.as_secs_f64());
     let mut resp = result?;
+    cx.fwd_status = Some(resp.status().as_u16());
     headers::strip_hop_by_hop(resp.headers_mut());
     Ok(resp)
 }

@@ -94,8 +94,9 @@ pub struct Overrides {
     /// Some method override names a method that is not safe (or one that is not a method at
     /// all): an upstream honouring it may write.
     pub write: bool,
-    /// The request target an upstream honouring a URL override would serve.
-    pub url: Option<String>,
+    /// The request targets an upstream honouring a URL override might serve (every value
+    /// of every URL override header: which one an upstream reads is its own business).
+    pub urls: Vec<String>,
 }
 
 /// Read the override headers, in every spelling an upstream may read them (`_` for `-`,
@@ -103,12 +104,15 @@ pub struct Overrides {
 /// a method override.
 pub fn overrides(headers: &HeaderMap, query: Option<&str>) -> Overrides {
     let mut out = Overrides::default();
-    if let Some(q) = query.filter(|q| q.contains("_method")) {
+    if let Some(q) = query.filter(|q| q.contains("method") || q.contains('%')) {
         for pair in q.split('&') {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if name == "_method" || name == "%5Fmethod" || name == "%5fmethod" {
+            // Any spelling the upstream decodes to `_method` (`%5Fmethod`, `_%6Dethod`...).
+            let decoded = crate::normalize::percent_decode(name);
+            if decoded.as_deref().unwrap_or(name) == "_method" {
                 out.present = true;
-                out.write |= !safe_method_name(value);
+                let value = crate::normalize::percent_decode(value);
+                out.write |= !safe_method_name(value.as_deref().unwrap_or("?"));
             }
         }
     }
@@ -131,8 +135,8 @@ pub fn overrides(headers: &HeaderMap, query: Option<&str>) -> Overrides {
         let text = value.to_str().unwrap_or("").trim();
         if i < 3 {
             out.write |= !safe_method_name(text);
-        } else if out.url.is_none() {
-            out.url = Some(text.to_string());
+        } else {
+            out.urls.push(text.to_string());
         }
     }
     out
@@ -258,11 +262,27 @@ mod tests {
         let o = overrides(&h, None);
         assert!(o.present);
         assert!(o.write);
-        assert_eq!(o.url.as_deref(), Some("/admin"));
+        assert_eq!(o.urls, ["/admin"]);
         let q = overrides(&HeaderMap::new(), Some("a=1&_method=put"));
         assert!(q.present && q.write);
         let safe = overrides(&HeaderMap::new(), Some("_method=get"));
         assert!(safe.present && !safe.write);
+        for q in [
+            "%5Fmethod=DELETE",
+            "_%6Dethod=DELETE",
+            "a=1&%5fmethod=delete",
+        ] {
+            let o = overrides(&HeaderMap::new(), Some(q));
+            assert!(o.present && o.write, "{q}");
+        }
+        let mut two = HeaderMap::new();
+        two.append("x-rewrite-url", HeaderValue::from_static("/public/y"));
+        two.append("x-original-url", HeaderValue::from_static("/admin/users"));
+        two.append("x-original-url", HeaderValue::from_static("/admin/other"));
+        assert_eq!(
+            overrides(&two, None).urls,
+            ["/public/y", "/admin/users", "/admin/other"]
+        );
     }
 
     #[test]

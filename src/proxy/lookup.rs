@@ -180,6 +180,10 @@ pub async fn cached(
         // A vary marker: the origin varies on request headers, so read this request's
         // variant (a second round trip, only for such resources).
         let mut found = lookup.found;
+        if matches!(found, Found::Unavailable) {
+            let why = Reason::StoreUnavailable;
+            return degraded(cx, parts, body, base, id, rule, None, why).await;
+        }
         let mut flight_id = id;
         let mut known_vary = Vec::new();
         if let Found::Entry(marker) = &found
@@ -248,7 +252,7 @@ pub async fn cached(
                 miss.fwd = Some(Fwd::Miss);
                 miss.reason = Some(Reason::UnreadableEntry);
             }
-            Found::Absent => {}
+            Found::Absent | Found::Unavailable => {}
         }
         // RFC 9111 §5.2.1.7: only what is stored, or 504.
         if request_cc.only_if_cached {
@@ -294,6 +298,9 @@ pub async fn cached(
                         _ => known_vary,
                     },
                 };
+                if let Some(fwd) = miss.fwd {
+                    cx.fwd = fwd;
+                }
                 return fill::fill(cx, parts, leader, job, rule, stale, miss).await;
             }
         }

@@ -65,6 +65,10 @@ pub struct Cx {
     /// Path and query sent upstream: the canonical path, so the upstream sees the resource
     /// that was routed and keyed, never another spelling of it.
     pub target: String,
+    /// Why the request went upstream, and what the upstream answered: kept here so an
+    /// error answered after that still reports them.
+    pub fwd: Fwd,
+    pub fwd_status: Option<u16>,
 }
 
 impl Cx {
@@ -76,6 +80,8 @@ impl Cx {
             rule: None,
             upstream_ms: None,
             target: String::new(),
+            fwd: Fwd::Bypass,
+            fwd_status: None,
         }
     }
 
@@ -109,7 +115,11 @@ pub async fn handle(
             if e.blame() != error::Blame::Downstream {
                 tracing::warn!(error = %e, blame = ?e.blame(), "request failed");
             }
-            let trace = Trace::error(e.code());
+            let trace = Trace {
+                fwd: Some(cx.fwd),
+                fwd_status: cx.fwd_status,
+                ..Trace::error(e.code())
+            };
             Served::new(e.into_response(), trace)
         }
     };
@@ -135,8 +145,7 @@ pub async fn handle(
 async fn pipeline(cx: &mut Cx, req: Request<Incoming>) -> Result<Served, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let live = cx.live.clone();
-    let route = classify::classify(&live, &mut parts, cx.client)?;
-    cx.rule = route.rule;
+    let route = classify::classify(&live, &mut parts, cx.client, &mut cx.rule)?;
     cx.target = route.target.clone();
     let claimed = gate::claim(cx, route.policy, &parts.headers)?;
 
@@ -153,6 +162,7 @@ async fn pipeline(cx: &mut Cx, req: Request<Incoming>) -> Result<Served, ProxyEr
     };
     let mut trace = Trace::bypass(Some(reason));
     if !route.is_read {
+        cx.fwd = Fwd::Method;
         trace.fwd = Some(Fwd::Method);
     }
     let upload = forward::upload(cx, body);

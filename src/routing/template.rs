@@ -93,12 +93,15 @@ impl Pattern {
         if !lit.is_empty() {
             parts.push(Part::Lit(lit));
         }
-        let mut seen: Vec<&str> = Vec::new();
-        for name in parts.iter().filter_map(Part::name) {
-            if seen.contains(&name) {
-                return Err(format!("parameter {{{name}}} appears twice"));
+        if syntax == Syntax::Path {
+            // A path binds each name once; text may repeat one (`s:{sub}:{sub}`).
+            let mut seen: Vec<&str> = Vec::new();
+            for name in parts.iter().filter_map(Part::name) {
+                if seen.contains(&name) {
+                    return Err(format!("parameter {{{name}}} appears twice"));
+                }
+                seen.push(name);
             }
-            seen.push(name);
         }
         Ok(Pattern {
             source: source.to_string(),

@@ -208,6 +208,17 @@ async fn a_url_override_is_gated_like_its_target() {
         .get_with("/open", &[("x-original-url", "/admin/users")])
         .await;
     assert_eq!(got.status, 401, "the stricter policy of the two paths");
+    // Several overriding URLs: whichever the upstream reads, each is gated.
+    let got = proxy
+        .get_with(
+            "/open",
+            &[
+                ("x-rewrite-url", "/open"),
+                ("x-original-url", "/admin/users"),
+            ],
+        )
+        .await;
+    assert_eq!(got.status, 401, "every overriding URL counts");
     assert_eq!(origin.total(), 0);
     let got = proxy
         .get_with("/open", &[("x-rewrite-url", "/a/../admin/users")])

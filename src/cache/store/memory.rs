@@ -14,7 +14,7 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache;
 
-use super::{BoxFut, Read, SMALL_LIMIT, Store, StoreError};
+use super::{BoxFut, SMALL_LIMIT, Small, Store, StoreError};
 use crate::cache::key::{EntryKey, GenKey, LeaseKey, SessionKey};
 
 #[derive(Clone)]
@@ -161,20 +161,25 @@ fn ready<T: Send + 'static>(v: T) -> BoxFut<'static, T> {
 }
 
 impl Store for MemoryStore {
-    fn lookup<'a>(
+    fn read_entry<'a>(
         &'a self,
-        entry: Option<(&'a EntryKey, usize)>,
+        key: &'a EntryKey,
+        limit: usize,
+    ) -> BoxFut<'a, Result<Option<Bytes>, StoreError>> {
+        ready(Ok(self.entries.read(&key.0, limit)))
+    }
+
+    fn read_small<'a>(
+        &'a self,
         session: Option<&'a SessionKey>,
         gens: &'a [GenKey],
-    ) -> BoxFut<'a, Result<Read, StoreError>> {
-        ready(Ok(Read {
-            entry: entry.and_then(|(k, limit)| self.entries.read(&k.0, limit)),
-            session: session.and_then(|k| self.small.read(k.0.as_bytes(), SMALL_LIMIT)),
-            gens: gens
-                .iter()
+    ) -> BoxFut<'a, Result<Small, StoreError>> {
+        ready(Ok((
+            session.and_then(|k| self.small.read(k.0.as_bytes(), SMALL_LIMIT)),
+            gens.iter()
                 .map(|k| self.generations.read(&k.0, SMALL_LIMIT))
                 .collect(),
-        }))
+        )))
     }
 
     fn put<'a>(
@@ -326,11 +331,8 @@ mod tests {
     async fn operations_behave_like_redis() {
         let s = MemoryStore::new(1 << 20);
         let g = GenKey(b"p:g:1".to_vec());
-        let read = s
-            .lookup(None, None, std::slice::from_ref(&g))
-            .await
-            .unwrap();
-        assert_eq!(read.gens, vec![None]);
+        let (_, gens) = s.read_small(None, std::slice::from_ref(&g)).await.unwrap();
+        assert_eq!(gens, vec![None]);
         let got = s
             .init_gens(
                 vec![(g.clone(), Bytes::from_static(b"7"))],
@@ -399,9 +401,6 @@ mod tests {
         )
         .await
         .unwrap();
-        assert_eq!(
-            s.lookup(Some((&k, 100)), None, &[]).await.unwrap().entry,
-            None
-        );
+        assert_eq!(s.read_entry(&k, 100).await.unwrap(), None);
     }
 }

@@ -58,27 +58,37 @@ impl StoreError {
 pub const SMALL_LIMIT: usize = 16 << 10;
 
 /// What one lookup read. A value of a foreign type, or an empty one, reads as `None`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Read {
-    /// The entry's bytes; more than its limit means it is too large to be an entry.
-    pub entry: Option<Bytes>,
+    /// The entry's bytes (more than its limit: too large to be an entry), or why they could
+    /// not be read: a failed entry read does not fail the session and generations read
+    /// beside it.
+    pub entry: Result<Option<Bytes>, StoreError>,
     /// The session value, when one was asked for.
     pub session: Option<Bytes>,
     /// The generations, in the order asked.
     pub gens: Vec<Option<Bytes>>,
 }
 
+/// What a read of small keys found: the session (if asked) and generations, in order.
+pub type Small = (Option<Bytes>, Vec<Option<Bytes>>);
+
 /// The typed operations of a store. Each is one round trip to the backend (per
 /// connection); values are read bounded (entries at the given limit, small keys at
 /// `SMALL_LIMIT`), so a huge foreign value is never read whole.
 pub trait Store: Send + Sync + 'static {
-    /// Read an entry (at most `limit + 1` of its bytes), a session and generations.
-    fn lookup<'a>(
+    /// Read an entry: at most `limit + 1` of its bytes.
+    fn read_entry<'a>(
         &'a self,
-        entry: Option<(&'a EntryKey, usize)>,
+        key: &'a EntryKey,
+        limit: usize,
+    ) -> BoxFut<'a, Result<Option<Bytes>, StoreError>>;
+    /// Read a session and generations (each at most `SMALL_LIMIT + 1` bytes).
+    fn read_small<'a>(
+        &'a self,
         session: Option<&'a SessionKey>,
         gens: &'a [GenKey],
-    ) -> BoxFut<'a, Result<Read, StoreError>>;
+    ) -> BoxFut<'a, Result<Small, StoreError>>;
     /// Store entries for `ttl`, and extend their generations to `gen_ttl`.
     fn put<'a>(
         &'a self,
@@ -279,18 +289,67 @@ impl Guarded {
         }
     }
 
+    /// Read an entry, a session and generations at once. The session and generations
+    /// decide whether the store answered (their failure is the lookup's); a failed entry
+    /// read is reported in `Read::entry` and does not count against the store's health,
+    /// since a slow large value says nothing about the small keys beside it.
     pub async fn lookup(
         &self,
         entry: Option<(&EntryKey, usize)>,
         session: Option<&SessionKey>,
         gens: &[GenKey],
     ) -> Result<Read, StoreError> {
-        let op = if entry.is_none() && gens.is_empty() {
-            StoreOp::Session
-        } else {
-            StoreOp::Lookup
+        let small = async {
+            if session.is_none() && gens.is_empty() {
+                return Ok((None, Vec::new()));
+            }
+            let op = if entry.is_none() && gens.is_empty() {
+                StoreOp::Session
+            } else {
+                StoreOp::Lookup
+            };
+            self.call(op, self.inner.read_small(session, gens)).await
         };
-        self.call(op, self.inner.lookup(entry, session, gens)).await
+        let entry = async {
+            match entry {
+                None => Ok(None),
+                Some((key, limit)) => {
+                    self.call_quietly(StoreOp::Lookup, self.inner.read_entry(key, limit))
+                        .await
+                }
+            }
+        };
+        let (small, entry) = tokio::join!(small, entry);
+        let (session, gens) = small?;
+        Ok(Read {
+            entry,
+            session,
+            gens,
+        })
+    }
+
+    /// A call under the timeout and the open breaker that does not itself open the breaker
+    /// (its failure is counted and logged).
+    async fn call_quietly<T>(
+        &self,
+        op: StoreOp,
+        fut: BoxFut<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if self.breaker.is_open() {
+            self.metrics.store_error(op);
+            return Err(StoreError::Unavailable);
+        }
+        let start = Instant::now();
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout),
+        };
+        self.metrics.store_duration(op, start.elapsed());
+        if let Err(e) = &result {
+            self.metrics.store_error(op);
+            self.warn_rate_limited(op, e, false);
+        }
+        result
     }
 
     pub async fn put(

@@ -3,8 +3,8 @@
 //! Two shared multiplexed connections (redis-rs `ConnectionManager`) carry every request's
 //! commands, so concurrent requests are pipelined on the wire with no pool checkout: one for
 //! the small keys (sessions, tag generations, leases), one for entries, so a large entry on
-//! its way cannot hold up a session check. Each operation is one pipeline per connection,
-//! i.e. one round trip. Timeouts and the circuit breaker are applied by the caller
+//! its way cannot hold up a session check. Each operation is one pipeline on one
+//! connection, i.e. one round trip; a lookup reads both connections at once. Timeouts and the circuit breaker are applied by the caller
 //! (`Guarded`); reconnection is the manager's job.
 //!
 //! Nothing is read unbounded: values are read with GETRANGE up to a limit (an entry's
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, IntoConnectionInfo, Pipeline, Value};
 
-use super::{BoxFut, Read, SMALL_LIMIT, Store, StoreError};
+use super::{BoxFut, SMALL_LIMIT, Small, Store, StoreError};
 use crate::cache::key::{EntryKey, GenKey, LeaseKey, SessionKey};
 
 /// A Redis-backed store.
@@ -111,7 +111,8 @@ fn bytes_of(v: Value) -> Result<Option<Bytes>, StoreError> {
         Value::SimpleString(s) => Ok(Some(Bytes::from(s))),
         Value::Int(i) => Ok(Some(Bytes::from(i.to_string()))),
         Value::ServerError(e) if e.code() == "WRONGTYPE" => Ok(None),
-        Value::ServerError(e) => Err(StoreError::Refused(format!(
+        // LOADING, MASTERDOWN, BUSY...: the store cannot answer reads now.
+        Value::ServerError(e) => Err(StoreError::Backend(format!(
             "{} {}",
             e.code(),
             e.details().unwrap_or_default()
@@ -138,72 +139,51 @@ fn del_if_equals(key: &[u8], value: &[u8]) -> Pipeline {
 }
 
 impl Store for RedisStore {
-    fn lookup<'a>(
+    fn read_entry<'a>(
         &'a self,
-        entry: Option<(&'a EntryKey, usize)>,
+        key: &'a EntryKey,
+        limit: usize,
+    ) -> BoxFut<'a, Result<Option<Bytes>, StoreError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        bounded_get(&mut pipe, &key.0, limit);
+        Box::pin(async move {
+            match run_on(&self.entries, pipe).await?.pop() {
+                Some(v) => bytes_of(v),
+                None => Err(StoreError::Backend("empty GETRANGE reply".into())),
+            }
+        })
+    }
+
+    fn read_small<'a>(
+        &'a self,
         session: Option<&'a SessionKey>,
         gens: &'a [GenKey],
-    ) -> BoxFut<'a, Result<Read, StoreError>> {
-        // The entry on its own connection, the small keys on theirs, both at once: one
-        // round trip of latency.
-        let entry_pipe = entry.map(|(key, limit)| {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            bounded_get(&mut pipe, &key.0, limit);
-            pipe
-        });
-        let small_pipe = (session.is_some() || !gens.is_empty()).then(|| {
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            if let Some(s) = session {
-                bounded_get(&mut pipe, s.0.as_bytes(), SMALL_LIMIT);
-            }
-            for g in gens {
-                bounded_get(&mut pipe, &g.0, SMALL_LIMIT);
-            }
-            pipe
-        });
+    ) -> BoxFut<'a, Result<Small, StoreError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        if let Some(s) = session {
+            bounded_get(&mut pipe, s.0.as_bytes(), SMALL_LIMIT);
+        }
+        for g in gens {
+            bounded_get(&mut pipe, &g.0, SMALL_LIMIT);
+        }
         let count = usize::from(session.is_some()) + gens.len();
         Box::pin(async move {
-            let entry_fut = async {
-                match entry_pipe {
-                    None => Ok(None),
-                    Some(p) => match run_on(&self.entries, p).await?.pop() {
-                        Some(v) => bytes_of(v),
-                        None => Err(StoreError::Backend("empty GETRANGE reply".into())),
-                    },
-                }
+            let values = run_on(&self.small, pipe).await?;
+            if values.len() != count {
+                return Err(StoreError::Backend(format!(
+                    "expected {count} replies, got {}",
+                    values.len()
+                )));
+            }
+            let mut values = values.into_iter();
+            let session = match session {
+                Some(_) => values.next().map(bytes_of).transpose()?.flatten(),
+                None => None,
             };
-            let small_fut = async {
-                match small_pipe {
-                    None => Ok(Vec::new()),
-                    Some(p) => {
-                        let values = run_on(&self.small, p).await?;
-                        if values.len() != count {
-                            return Err(StoreError::Backend(format!(
-                                "expected {count} replies, got {}",
-                                values.len()
-                            )));
-                        }
-                        values
-                            .into_iter()
-                            .map(bytes_of)
-                            .collect::<Result<Vec<_>, _>>()
-                    }
-                }
-            };
-            let (entry, small) = tokio::join!(entry_fut, small_fut);
-            let mut small = small?.into_iter();
-            let session = if session.is_some() {
-                small.next().flatten()
-            } else {
-                None
-            };
-            Ok(Read {
-                entry: entry?,
-                session,
-                gens: small.collect(),
-            })
+            let gens = values.map(bytes_of).collect::<Result<Vec<_>, _>>()?;
+            Ok((session, gens))
         })
     }
 
