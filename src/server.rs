@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 use crate::app::{App, AppError};
 use crate::body::ProxyBody;
 use crate::config::Config;
+use crate::runtime::Workers;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +46,15 @@ pub struct Running {
 /// Build the application from `config` and start serving (reloads are refused: there is
 /// no file to read again).
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    start_app(App::new(config, None)?).await
+    start_app(App::new(config, None)?, None).await
 }
 
-/// Bind the listeners and start serving `app`.
-pub async fn start_app(app: Arc<App>) -> Result<Running, StartError> {
+/// Bind the listeners and start serving `app`: client connections on `workers`, or on the
+/// calling runtime without them.
+pub async fn start_app(
+    app: Arc<App>,
+    workers: Option<Arc<Workers>>,
+) -> Result<Running, StartError> {
     let live = app.live();
     let listen = live.config.server.listen;
     let admin_listen = live.config.server.admin_listen;
@@ -85,7 +90,12 @@ pub async fn start_app(app: Arc<App>) -> Result<Running, StartError> {
         })?;
     let (stop, stopped) = watch::channel(false);
     let tasks = vec![
-        tokio::spawn(serve_proxy(app.clone(), proxy_listener, stopped.clone())),
+        tokio::spawn(serve_proxy(
+            app.clone(),
+            proxy_listener,
+            workers,
+            stopped.clone(),
+        )),
         tokio::spawn(serve_admin(app.clone(), admin_listener, stopped.clone())),
         tokio::spawn(probe_store(app.clone(), stopped.clone())),
         tokio::spawn(app.purger.clone().run(stopped)),
@@ -265,8 +275,6 @@ struct Conn {
     close: Notify,
     /// Chosen for eviction and not yet closed: never chosen twice.
     closing: AtomicBool,
-    /// Nothing is in flight any more: the watchdog's idle clock starts.
-    idle: Notify,
     /// Milliseconds (on the table's clock, plus one) since which the client has not taken
     /// what is written to it; 0 while writes go through.
     write_blocked_since_ms: AtomicU64,
@@ -304,7 +312,6 @@ impl Conns {
             served: AtomicBool::new(false),
             close: Notify::new(),
             closing: AtomicBool::new(false),
-            idle: Notify::new(),
             write_blocked_since_ms: AtomicU64::new(0),
         });
         self.lock().insert(id, conn.clone());
@@ -360,7 +367,6 @@ impl Drop for InFlight {
             self.conn
                 .idle_since_ms
                 .store(self.conns.now_ms(), Ordering::Relaxed);
-            self.conn.idle.notify_one();
         }
     }
 }
@@ -391,7 +397,12 @@ impl http_body::Body for Tracked {
     }
 }
 
-async fn serve_proxy(app: Arc<App>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+async fn serve_proxy(
+    app: Arc<App>,
+    listener: TcpListener,
+    workers: Option<Arc<Workers>>,
+    mut stopped: watch::Receiver<bool>,
+) {
     let conns = Arc::new(Conns::new());
     // The connection limit needs a restart to change; everything else follows reloads.
     let limit = Arc::new(Semaphore::new(app.live().config.server.max_connections));
@@ -439,13 +450,28 @@ async fn serve_proxy(app: Arc<App>, listener: TcpListener, mut stopped: watch::R
         metrics.connections.inc();
         let (app, conns, stopped, drained) =
             (app.clone(), conns.clone(), stopped.clone(), drained.clone());
-        tokio::spawn(async move {
-            serve_connection(app, stream, peer, &conn, &conns, stopped).await;
+        let serve = move |stream: std::io::Result<TcpStream>| async move {
+            if let Ok(stream) = stream {
+                serve_connection(app, stream, peer, &conn, &conns, stopped).await;
+            }
             conns.remove(id);
             metrics.connections.dec();
             drop(permit);
             drained.notify_waiters();
-        });
+        };
+        match &workers {
+            None => {
+                tokio::spawn(serve(Ok(stream)));
+            }
+            Some(workers) => {
+                // The socket moves to the worker's own event loop.
+                let stream = stream.into_std();
+                workers.place(move |placed| async move {
+                    serve(stream.and_then(TcpStream::from_std)).await;
+                    drop(placed);
+                });
+            }
+        }
     }
     drop(listener);
     let grace = app.live().config.server.shutdown_grace;
@@ -551,40 +577,46 @@ async fn watch_connection<C: std::future::Future>(
     // Nothing has been in flight since accept.
     let accepted = conn.idle_since_ms.load(Ordering::Relaxed);
     let mut stopping = false;
+    // One timer for the connection's life, moved only when it fires: requests starting and
+    // finishing touch two atomics, never the timer wheel.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     loop {
-        // When the connection may close: `idle_timeout` after the last request finished,
-        // or `header_read_timeout` after accept while none has come; rechecked later while
-        // a request is in flight.
-        let now = conns.now_ms();
-        let deadline_ms = if conn.in_flight.load(Ordering::Acquire) > 0 {
-            // Busy, but a client that stopped reading its response for idle_timeout is
-            // holding the connection hostage.
-            match conn.write_blocked_since_ms.load(Ordering::Relaxed) {
-                0 => None,
-                since => Some(since - 1 + server.idle_timeout.as_millis() as u64),
-            }
-        } else {
-            let limit = if conn.served.load(Ordering::Relaxed) {
-                server.idle_timeout
-            } else {
-                server.header_read_timeout
-            };
-            let since = conn.idle_since_ms.load(Ordering::Relaxed).max(accepted);
-            Some(since + limit.as_millis() as u64)
-        };
-        if deadline_ms.is_some_and(|d| now >= d) {
-            break;
-        }
-        // Rechecked at least twice per idle_timeout: a request may have started meanwhile.
-        let recheck = server.idle_timeout / 2;
-        let wait = match deadline_ms {
-            Some(d) => Duration::from_millis(d - now).min(recheck),
-            None => recheck,
-        };
         tokio::select! {
+            biased;
             _ = served.as_mut() => return,
-            _ = tokio::time::sleep(wait) => {}
-            _ = conn.idle.notified() => {}
+            _ = timer.as_mut() => {
+                // When the connection may close: `idle_timeout` after the last request
+                // finished, or `header_read_timeout` after accept while none has come;
+                // while a request is in flight, only a client that has taken nothing of its
+                // response for `idle_timeout` is closed.
+                let now = conns.now_ms();
+                let deadline_ms = if conn.in_flight.load(Ordering::Acquire) > 0 {
+                    match conn.write_blocked_since_ms.load(Ordering::Relaxed) {
+                        0 => None,
+                        since => Some(since - 1 + server.idle_timeout.as_millis() as u64),
+                    }
+                } else {
+                    let limit = if conn.served.load(Ordering::Relaxed) {
+                        server.idle_timeout
+                    } else {
+                        server.header_read_timeout
+                    };
+                    let since = conn.idle_since_ms.load(Ordering::Relaxed).max(accepted);
+                    Some(since + limit.as_millis() as u64)
+                };
+                if deadline_ms.is_some_and(|d| now >= d) {
+                    break;
+                }
+                // Looked at again at least twice per idle_timeout: a request that is in
+                // flight now may finish, and its connection's idle clock start, meanwhile.
+                let recheck = server.idle_timeout / 2;
+                let wait = match deadline_ms {
+                    Some(d) => Duration::from_millis(d - now).min(recheck),
+                    None => recheck,
+                };
+                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
             _ = conn.close.notified() => {
                 if conn.in_flight.load(Ordering::Acquire) == 0 {
                     break;

@@ -41,8 +41,10 @@ pub type UpBody = BoxBody<Bytes, BoxError>;
 /// Response body type received from upstream.
 pub type DownBody = IdleTimeout<Incoming>;
 
+/// One connection pool per worker thread (`runtime::slot`): a request is sent on a
+/// connection driven by its own thread.
 pub struct Upstream {
-    client: Client<HttpConnector, UpBody>,
+    clients: Vec<Client<HttpConnector, UpBody>>,
     cfg: UpstreamConfig,
 }
 
@@ -52,17 +54,27 @@ impl Upstream {
         connector.set_connect_timeout(Some(cfg.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.pool_max_idle)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .set_host(false)
-            .build(connector);
+        let clients = (0..crate::runtime::slots())
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(cfg.pool_idle_timeout)
+                    .pool_max_idle_per_host(cfg.pool_max_idle)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .set_host(false)
+                    .build(connector.clone())
+            })
+            .collect();
         Upstream {
-            client,
+            clients,
             cfg: cfg.clone(),
         }
+    }
+
+    /// The calling thread's connection pool.
+    fn client(&self) -> &Client<HttpConnector, UpBody> {
+        let slot = crate::runtime::slot();
+        &self.clients[if slot < self.clients.len() { slot } else { 0 }]
     }
 
     /// The upstream URI for a request's path and query (the base path is prefixed).
@@ -86,7 +98,7 @@ impl Upstream {
         req: Request<UpBody>,
         progress: Option<Arc<Progress>>,
     ) -> Result<Response<DownBody>, UpstreamError> {
-        let fut = self.client.request(req);
+        let fut = self.client().request(req);
         tokio::pin!(fut);
         let started = tokio::time::Instant::now();
         let result = loop {

@@ -166,6 +166,7 @@ fn compile_server(cx: &mut Cx<'_>, s: &ServerFile) -> ServerConfig {
         ),
         max_header_count: cx.count(&s.max_header_count, "server.max_header_count", 100, 1_000),
         max_header_bytes: get(&s.max_header_bytes, 64 << 10) as usize,
+        access_log: get(&s.access_log, true),
     };
     if !(8 << 10..=1 << 20).contains(&server.max_header_bytes) {
         cx.err(

@@ -136,6 +136,7 @@ pub struct ServerFile {
     pub max_connections: Val<i64>,
     pub max_header_count: Val<i64>,
     pub max_header_bytes: Val<u64>,
+    pub access_log: Val<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -282,6 +283,7 @@ fn read_server(mut t: Table<'_, '_>) -> Spanned<ServerFile> {
         max_connections: t.integer("max_connections"),
         max_header_count: t.integer("max_header_count"),
         max_header_bytes: t.size("max_header_bytes"),
+        access_log: t.boolean("access_log"),
     };
     t.done(
         f,
@@ -295,6 +297,7 @@ fn read_server(mut t: Table<'_, '_>) -> Spanned<ServerFile> {
             "max_connections",
             "max_header_count",
             "max_header_bytes",
+            "access_log",
         ],
     )
 }

@@ -147,6 +147,8 @@ pub struct ServerConfig {
     pub max_header_count: usize,
     /// Bytes of a request's header section, both protocols (more: 431).
     pub max_header_bytes: usize,
+    /// One log line per request (at info level).
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -1,11 +1,10 @@
 //! Classify a request before anything is asked of anyone: its host and canonical path, the
 //! rule that governs it, its method and URL overrides, the auth policy to apply, and the
-//! tags a successful write would bump. It also puts the request in shape to be forwarded:
-//! hop-by-hop fields removed, forwarding fields set, client-sent identity fields removed.
+//! tags a successful write would bump. It also removes what must never be forwarded:
+//! hop-by-hop fields and client-sent identity fields (the forwarding fields are set by
+//! `forward::client_request`, only for requests that do go upstream).
 //!
 //! Nothing here does I/O.
-
-use std::net::SocketAddr;
 
 use http::HeaderMap;
 use http::header::{self, HeaderValue};
@@ -55,7 +54,6 @@ impl Route {
 pub fn classify(
     live: &Live,
     parts: &mut Parts,
-    client: SocketAddr,
     matched: &mut Option<usize>,
 ) -> Result<Route, ProxyError> {
     if parts.headers.len() > live.config.server.max_header_count {
@@ -85,8 +83,6 @@ pub fn classify(
         .map(|url| override_target(url))
         .collect::<Result<Vec<String>, ProxyError>>()?;
     headers::strip_hop_by_hop(&mut parts.headers);
-    headers::set_forwarded(&mut parts.headers, client.ip(), &host);
-    parts.headers.insert(header::HOST, host.clone());
     // Identity headers come from the gate only, never from the client.
     let auth = &config.auth;
     gate::strip_identity_headers(&mut parts.headers, &auth.subject_header);

@@ -56,6 +56,19 @@ pub async fn forward(
     Ok(resp)
 }
 
+/// Forward a client's request: its headers as classified, with the forwarding fields and
+/// the Host set here, only now that it goes upstream.
+pub async fn client_request(
+    cx: &mut Cx,
+    method: Method,
+    mut headers: HeaderMap,
+    body: Upload,
+) -> Result<Response<DownBody>, ProxyError> {
+    headers::set_forwarded(&mut headers, cx.client.ip(), &cx.host);
+    headers.insert(http::header::HOST, cx.host.clone());
+    forward(cx, method, headers, body).await
+}
+
 /// Forward untouched (no lookup, no store), recording why.
 pub async fn bypass(
     cx: &mut Cx,
@@ -64,7 +77,7 @@ pub async fn bypass(
     why: Reason,
 ) -> Result<Served, ProxyError> {
     let upload = upload(cx, body);
-    let resp = forward(cx, parts.method, parts.headers, upload).await?;
+    let resp = client_request(cx, parts.method, parts.headers, upload).await?;
     let trace = Trace::bypass(Some(why)).with_status(resp.status());
     Ok(Served::new(resp.map(|b| b.boxed()), trace))
 }

@@ -65,6 +65,8 @@ pub struct Cx {
     /// Path and query sent upstream: the canonical path, so the upstream sees the resource
     /// that was routed and keyed, never another spelling of it.
     pub target: String,
+    /// The Host a client's request is forwarded with.
+    pub host: http::HeaderValue,
     /// Why the request went upstream, and what the upstream answered: kept here so an
     /// error answered after that still reports them.
     pub fwd: Fwd,
@@ -80,6 +82,7 @@ impl Cx {
             rule: None,
             upstream_ms: None,
             target: String::new(),
+            host: http::HeaderValue::from_static(""),
             fwd: Fwd::Bypass,
             fwd_status: None,
         }
@@ -104,8 +107,10 @@ pub async fn handle(
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let method = req.method().clone();
-    let log_path = tracing::enabled!(tracing::Level::INFO).then(|| req.uri().path().to_owned());
-    let mut cx = Cx::new(app, app.live(), client);
+    let live = app.live();
+    let log_path = (live.config.server.access_log && tracing::enabled!(tracing::Level::INFO))
+        .then(|| req.uri().path().to_owned());
+    let mut cx = Cx::new(app, live, client);
     let Served {
         mut response,
         trace,
@@ -145,8 +150,9 @@ pub async fn handle(
 async fn pipeline(cx: &mut Cx, req: Request<Incoming>) -> Result<Served, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let live = cx.live.clone();
-    let route = classify::classify(&live, &mut parts, cx.client, &mut cx.rule)?;
+    let route = classify::classify(&live, &mut parts, &mut cx.rule)?;
     cx.target = route.target.clone();
+    cx.host = route.host.clone();
     let claimed = gate::claim(cx, route.policy, &parts.headers)?;
 
     if let Some(rule) = route.cached(&live) {
@@ -166,7 +172,7 @@ async fn pipeline(cx: &mut Cx, req: Request<Incoming>) -> Result<Served, ProxyEr
         trace.fwd = Some(Fwd::Method);
     }
     let upload = forward::upload(cx, body);
-    let resp = forward::forward(cx, parts.method.clone(), parts.headers, upload).await?;
+    let resp = forward::client_request(cx, parts.method.clone(), parts.headers, upload).await?;
     let mut trace = trace.with_status(resp.status());
     // purge: a write the upstream accepted (2xx/3xx) invalidates before its answer returns
     let status = resp.status();

@@ -299,6 +299,7 @@ impl Guarded {
         session: Option<&SessionKey>,
         gens: &[GenKey],
     ) -> Result<Read, StoreError> {
+        // Both reads run at once; each is timed and guarded like any call.
         let small = async {
             if session.is_none() && gens.is_empty() {
                 return Ok((None, Vec::new()));

@@ -1,11 +1,13 @@
 //! The Redis store: the only module that imports the `redis` crate.
 //!
-//! Two shared multiplexed connections (redis-rs `ConnectionManager`) carry every request's
-//! commands, so concurrent requests are pipelined on the wire with no pool checkout: one for
-//! the small keys (sessions, tag generations, leases), one for entries, so a large entry on
-//! its way cannot hold up a session check. Each operation is one pipeline on one
-//! connection, i.e. one round trip; a lookup reads both connections at once. Timeouts and the circuit breaker are applied by the caller
-//! (`Guarded`); reconnection is the manager's job.
+//! Each worker thread (`runtime::slot`) has its own pair of multiplexed connections
+//! (redis-rs `ConnectionManager`), made on first use on that thread so their I/O runs there:
+//! concurrent requests are pipelined on the wire with no pool checkout and no hand-off
+//! between threads. One connection of a pair is for the small keys (sessions, tag
+//! generations, leases), one for entries, so a large entry on its way cannot hold up a
+//! session check. Each operation is one pipeline on one connection, i.e. one round trip; a
+//! lookup reads both connections at once. Timeouts and the circuit breaker are applied by
+//! the caller (`Guarded`); reconnection is the manager's job.
 //!
 //! Nothing is read unbounded: values are read with GETRANGE up to a limit (an entry's
 //! `max_object_size` plus its envelope; `SMALL_LIMIT` for small keys), so a huge foreign
@@ -23,10 +25,31 @@ use crate::cache::key::{EntryKey, GenKey, LeaseKey, SessionKey};
 
 /// A Redis-backed store.
 pub struct RedisStore {
+    client: Client,
+    config: ConnectionManagerConfig,
+    /// The connections of slot 0 (threads off the workers).
+    first: Pair,
+    /// Those of the workers (slots 1..), each made on its worker's first use.
+    workers: Vec<std::sync::OnceLock<Pair>>,
+}
+
+/// The connections of one thread.
+struct Pair {
     /// Sessions, generations, leases.
     small: ConnectionManager,
     /// Entries.
     entries: ConnectionManager,
+}
+
+impl Pair {
+    fn new(client: &Client, config: &ConnectionManagerConfig) -> Result<Pair, StoreError> {
+        Ok(Pair {
+            small: ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                .map_err(backend)?,
+            entries: ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+                .map_err(backend)?,
+        })
+    }
 }
 
 impl RedisStore {
@@ -47,20 +70,46 @@ impl RedisStore {
         let client = Client::open(info).map_err(|e| StoreError::Backend(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
-            .set_response_timeout(Some(timeout))
+            // No response timeout here: every call runs under `Guarded`'s, which drops the
+            // waiting request (its late reply is discarded), so one timer per call is enough.
+            .set_response_timeout(None)
             // Reconnection is retried a few times quickly; the caller's breaker and health
             // probe take over after that, so requests never wait on a long backoff.
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let small = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-            .map_err(backend)?;
-        let entries = ConnectionManager::new_lazy_with_config(client, config).map_err(backend)?;
-        Ok(RedisStore { small, entries })
+        let first = Pair::new(&client, &config)?;
+        let workers = (1..crate::runtime::slots())
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        Ok(RedisStore {
+            client,
+            config,
+            first,
+            workers,
+        })
+    }
+
+    /// The calling thread's connections (made on its first use, so that they run there).
+    fn pair(&self) -> &Pair {
+        let Some(cell) = crate::runtime::slot()
+            .checked_sub(1)
+            .and_then(|i| self.workers.get(i))
+        else {
+            return &self.first;
+        };
+        if let Some(p) = cell.get() {
+            return p;
+        }
+        match Pair::new(&self.client, &self.config) {
+            Ok(p) => cell.get_or_init(|| p),
+            // Cannot happen once slot 0 was made with the same settings; slot 0 serves.
+            Err(_) => &self.first,
+        }
     }
 
     async fn run(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-        run_on(&self.small, pipe).await
+        run_on(&self.pair().small, pipe).await
     }
 
     /// One command on the small-keys connection, its reply.
@@ -148,7 +197,7 @@ impl Store for RedisStore {
         pipe.ignore_errors();
         bounded_get(&mut pipe, &key.0, limit);
         Box::pin(async move {
-            match run_on(&self.entries, pipe).await?.pop() {
+            match run_on(&self.pair().entries, pipe).await?.pop() {
                 Some(v) => bytes_of(v),
                 None => Err(StoreError::Backend("empty GETRANGE reply".into())),
             }
@@ -170,7 +219,7 @@ impl Store for RedisStore {
         }
         let count = usize::from(session.is_some()) + gens.len();
         Box::pin(async move {
-            let values = run_on(&self.small, pipe).await?;
+            let values = run_on(&self.pair().small, pipe).await?;
             if values.len() != count {
                 return Err(StoreError::Backend(format!(
                     "expected {count} replies, got {}",
@@ -208,8 +257,10 @@ impl Store for RedisStore {
             touch.cmd("PEXPIRE").arg(&g.0).arg(ms(gen_ttl)).ignore();
         }
         Box::pin(async move {
-            let (stored, touched) =
-                tokio::join!(run_on(&self.entries, pipe), run_on(&self.small, touch));
+            let (stored, touched) = tokio::join!(
+                run_on(&self.pair().entries, pipe),
+                run_on(&self.pair().small, touch)
+            );
             stored?;
             touched.map(|_| ())
         })
