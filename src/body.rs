@@ -43,9 +43,12 @@ pub struct BodyStalled;
 pub struct IdleTimeout<B> {
     inner: B,
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
-    /// The clock starts at the first poll: time before anyone reads is not the body's.
-    armed: bool,
+    /// Made the first time the body has to wait: a body that is there when read (a small
+    /// answer in one packet) never touches the timer wheel.
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// Waiting since the timer was last armed (no frame came since): the clock runs only
+    /// while the body is being waited for, from the poll that found nothing.
+    waiting: bool,
     progress: Option<Arc<Progress>>,
     stalled: fn() -> BoxError,
 }
@@ -56,8 +59,8 @@ impl<B> IdleTimeout<B> {
         IdleTimeout {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
-            armed: false,
+            sleep: None,
+            waiting: false,
             progress: None,
             stalled: || Box::new(BodyStalled),
         }
@@ -77,21 +80,27 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if !this.armed {
-            this.armed = true;
-            this.sleep.as_mut().reset(Instant::now() + this.timeout);
-        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 if let Some(p) = &this.progress {
                     p.touch();
                 }
-                let deadline = Instant::now() + this.timeout;
-                this.sleep.as_mut().reset(deadline);
+                this.waiting = false;
                 Poll::Ready(frame.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
-                ready!(this.sleep.as_mut().poll(cx));
+                let timeout = this.timeout;
+                let sleep = match &mut this.sleep {
+                    Some(s) => {
+                        if !this.waiting {
+                            s.as_mut().reset(Instant::now() + timeout);
+                        }
+                        s
+                    }
+                    None => this.sleep.insert(Box::pin(tokio::time::sleep(timeout))),
+                };
+                this.waiting = true;
+                ready!(sleep.as_mut().poll(cx));
                 Poll::Ready(Some(Err((this.stalled)())))
             }
         }
@@ -165,8 +174,8 @@ impl Upload {
         let body = IdleTimeout {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
-            armed: false,
+            sleep: None,
+            waiting: false,
             progress: Some(progress.clone()),
             stalled: || Box::new(ClientBodyStalled),
         };
