@@ -479,6 +479,8 @@ async fn metrics_count_a_hit_and_a_miss() {
     let origin = Origin::echo().await;
     let proxy = Proxy::start(&config(&origin, MEMORY_STORE, USER_RULE)).await;
     proxy.get("/user/1").await;
+    // The entry is written beside the response: the second GET is a hit once it has landed.
+    proxy.stored(1).await;
     proxy.get("/user/1").await;
     proxy.get("/elsewhere").await;
     let m = proxy.metrics().await;

@@ -175,6 +175,8 @@ async fn stale_while_revalidate_answers_at_once_and_refreshes_once() {
     );
     let proxy = Arc::new(Proxy::start(&text).await);
     assert_eq!(proxy.get("/r/1").await.text(), "old");
+    // The entry is written beside the response; the stale answers below need it stored.
+    proxy.stored(1).await;
     s.always(200, &[("cache-control", "max-age=0")], "new");
     // Hold the refresh at the origin: the stale answers must not wait for it.
     let release = s.origin.hold_next();
