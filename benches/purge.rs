@@ -66,8 +66,15 @@ async fn main() {
     let timeout = Duration::from_secs(30);
     let store: Arc<dyn Store> =
         Arc::new(RedisStore::connect_lazy(&redis.url(), None, timeout).expect("store"));
-    let guarded = Arc::new(Guarded::new(store.clone(), timeout, metrics));
-    let cache = Cache::new(guarded, "cachegate:", Duration::from_secs(86_400), 1 << 20);
+    let guarded = Arc::new(Guarded::new(store.clone(), timeout, metrics.clone()));
+    let cache = Cache::new(
+        guarded,
+        "cachegate:",
+        Duration::from_secs(86_400),
+        1 << 20,
+        None,
+        metrics,
+    );
     let users = tag_id("users");
     println!("purge latency vs entries under one tag family (same Redis, same run)");
     println!(

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::auth::session::SessionStore;
 use crate::cache::Cache;
+use crate::cache::l1::L1;
 use crate::cache::store::memory::MemoryStore;
 use crate::cache::store::redis::RedisStore;
 use crate::cache::store::{Guarded, Store};
@@ -129,8 +130,15 @@ impl App {
     /// As `new`, with the environment lookup a reload uses.
     pub fn with_env(config: Config, path: Option<PathBuf>, env: Env) -> Result<Arc<App>, AppError> {
         let metrics = Arc::new(Metrics::new());
+        // Of `l1_max_bytes`, an eighth is left for the coherence table (`Cache::track`).
+        let mut l1 = (config.cache.l1_max_bytes > 0)
+            .then(|| L1::new(config.cache.l1_max_bytes - config.cache.l1_max_bytes / 8));
         let store: Arc<dyn Store> = match &config.store.backend {
-            StoreBackend::Memory { max_bytes } => Arc::new(MemoryStore::new(*max_bytes)),
+            StoreBackend::Memory { max_bytes } => {
+                // The embedded store keeps the small keys; its entries are the tier's.
+                l1 = Some(L1::new(MemoryStore::entry_budget(*max_bytes)));
+                Arc::new(MemoryStore::new(*max_bytes))
+            }
             StoreBackend::Redis { url, password } => Arc::new(
                 RedisStore::connect_lazy(url, password.as_deref(), config.store.timeout)
                     .map_err(|e| AppError::Store(e.to_string()))?,
@@ -143,7 +151,13 @@ impl App {
             &live.config.store.prefix,
             live.generation_ttl(),
             live.config.cache.max_object_size,
+            l1,
+            metrics.clone(),
         ));
+        cache.track(
+            live.config.cache.l1_serve_disconnected,
+            live.config.auth.gate.template.static_prefix(),
+        );
         let purger = Arc::new(Purger::new(cache.clone(), metrics.clone(), PURGE_QUEUE));
         if live.config.auth.weak_secret {
             metrics.auth_weak_secret.set(1);
@@ -220,6 +234,8 @@ impl App {
         self.metrics.retain_rules(&names);
         self.cache
             .set_limits(live.generation_ttl(), live.config.cache.max_object_size);
+        self.cache
+            .set_serve_disconnected(live.config.cache.l1_serve_disconnected);
         self.metrics
             .auth_weak_secret
             .set(i64::from(live.config.auth.weak_secret));
@@ -256,6 +272,10 @@ fn keep_restart_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
     if old.store.prefix != new.store.prefix {
         changed.push("store.prefix");
         new.store.prefix = old.store.prefix.clone();
+    }
+    if old.cache.l1_max_bytes != new.cache.l1_max_bytes {
+        changed.push("cache.l1_max_bytes");
+        new.cache.l1_max_bytes = old.cache.l1_max_bytes;
     }
     if old.store.timeout != new.store.timeout {
         changed.push("store.timeout");

@@ -72,6 +72,8 @@ label! {
         NotCached => "not-cached",
         /// No rule matches the path.
         NoRule => "no-rule",
+        /// Answered from the in-process tier over Redis (no store command).
+        L1 => "l1",
         /// A method or URL override header: never cached.
         Override => "override",
         /// The request carries Authorization and the entry would be shared.

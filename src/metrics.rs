@@ -96,6 +96,18 @@ pub struct Metrics {
     /// Bytes and items the embedded store holds (weighed with their overhead).
     pub store_bytes: IntGauge,
     pub store_entries: IntGauge,
+    /// The in-process tier: hits, lookups it could not answer, evictions to stay in bound.
+    pub l1_hits: IntCounter,
+    pub l1_misses: IntCounter,
+    pub l1_evictions: IntCounter,
+    pub l1_bytes: IntGauge,
+    pub l1_entries: IntGauge,
+    /// 1 while the Redis tracking connection is subscribed and acknowledged.
+    pub tracking_state: IntGauge,
+    /// Invalidations (keys, and flushes) the tracking connection delivered.
+    pub invalidations: IntCounter,
+    /// Times the acknowledged tracking connection was lost.
+    pub tracking_losses: IntCounter,
     refreshes: Counters<RefreshResult>,
     reloads: Counters<ReloadResult>,
     /// When the configuration was last loaded successfully (start or reload).
@@ -262,6 +274,46 @@ impl Metrics {
                 &registry,
                 "cachegate_store_entries",
                 "Items held by the embedded store (entries, generations, sessions).",
+            ),
+            l1_hits: counter(
+                &registry,
+                "cachegate_l1_hits_total",
+                "Hits answered from the in-process tier without reading the store's entry.",
+            ),
+            l1_misses: counter(
+                &registry,
+                "cachegate_l1_misses_total",
+                "Lookups the in-process tier could not answer (absent, stale, not known to be current, or tracking down).",
+            ),
+            l1_evictions: counter(
+                &registry,
+                "cachegate_l1_evictions_total",
+                "Entries evicted from the in-process tier to stay within its byte bound.",
+            ),
+            l1_bytes: gauge(
+                &registry,
+                "cachegate_l1_bytes",
+                "Bytes held by the in-process tier, each entry weighed with its overhead.",
+            ),
+            l1_entries: gauge(
+                &registry,
+                "cachegate_l1_entries",
+                "Entries held by the in-process tier.",
+            ),
+            tracking_state: gauge(
+                &registry,
+                "cachegate_tracking_state",
+                "1 while the Redis tracking connection keeping the in-process tier coherent is subscribed, else 0.",
+            ),
+            invalidations: counter(
+                &registry,
+                "cachegate_invalidations_total",
+                "Key invalidations and flushes delivered by Redis to the tracking connection (and this instance's own writes).",
+            ),
+            tracking_losses: counter(
+                &registry,
+                "cachegate_tracking_losses_total",
+                "Times the Redis tracking connection was lost after it had been acknowledged (the in-process tier then waits for it).",
             ),
             refreshes: Counters::new(&refreshes, &[]),
             reloads: Counters::new(&reloads, &[]),

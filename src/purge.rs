@@ -203,7 +203,14 @@ mod tests {
             Duration::from_millis(100),
             metrics.clone(),
         ));
-        let cache = Arc::new(Cache::new(store, "t:", Duration::from_secs(60), 1 << 20));
+        let cache = Arc::new(Cache::new(
+            store,
+            "t:",
+            Duration::from_secs(60),
+            1 << 20,
+            None,
+            metrics.clone(),
+        ));
         Purger::new(cache, metrics, capacity)
     }
 

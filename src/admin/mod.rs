@@ -91,10 +91,7 @@ pub async fn handle(
     let path = req.uri().path().to_string();
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
-            if let Some((bytes, entries)) = app.cache.store().stats() {
-                app.metrics.store_bytes.set(bytes as i64);
-                app.metrics.store_entries.set(entries as i64);
-            }
+            app.cache.observe();
             let mut resp = text(StatusCode::OK, app.metrics.render());
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

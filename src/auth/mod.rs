@@ -19,7 +19,7 @@ use subtle::ConstantTimeEq;
 
 use crate::cache::key::SessionKey;
 use crate::labels::AuthResult;
-use crate::routing::template::{Pattern, Syntax};
+use crate::routing::template::{Part, Pattern, Syntax};
 use jwt::{Claims, Verifier};
 
 /// Why a request was refused with 401.
@@ -123,6 +123,15 @@ impl SessionTemplate {
 
     pub fn source(&self) -> &str {
         &self.pattern.source
+    }
+
+    /// The literal text every session key starts with (`user_token:` for
+    /// `user_token:{sub}`; empty when the template starts with a claim).
+    pub fn static_prefix(&self) -> &str {
+        match self.pattern.parts.first() {
+            Some(Part::Lit(s)) => s,
+            _ => "",
+        }
     }
 
     /// The claims the template names, in order.

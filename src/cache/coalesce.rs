@@ -255,7 +255,7 @@ impl Drop for Lease {
 pub enum LeaseOutcome {
     Held(Lease),
     /// Another instance filled the key while we waited.
-    Filled(Entry),
+    Filled(Arc<Entry>),
     /// No lease (store error, or the wait timed out): fill anyway.
     Proceed,
 }

@@ -95,6 +95,14 @@ impl Keys {
         GenKey(tag.redis_key(&self.prefix, GENERATION))
     }
 
+    /// The start every generation key shares: `{prefix}g:`.
+    pub fn generation_prefix(&self) -> Vec<u8> {
+        let mut p = self.prefix.as_bytes().to_vec();
+        p.push(GENERATION);
+        p.push(b':');
+        p
+    }
+
     pub fn lease(&self, id: &Id) -> LeaseKey {
         LeaseKey(id.redis_key(&self.prefix, LOCK))
     }

@@ -16,19 +16,25 @@
 pub mod coalesce;
 pub mod entry;
 pub mod key;
+pub mod l1;
+pub mod mirror;
 pub mod policy;
 pub mod revalidate;
 pub mod store;
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::metrics::Metrics;
 use entry::Entry;
-use key::{Id, Keys, SessionKey};
+use key::{GenKey, Id, Keys, SessionKey};
+use l1::L1;
+use mirror::Mirror;
 use store::{Guarded, StoreError};
 
 /// A random 64-bit value (generations, lock tokens). Not secret, only unique.
@@ -44,13 +50,11 @@ pub fn random_u64() -> u64 {
 }
 
 /// What a lookup found under an entry key.
-// Unboxed on purpose: it lives briefly on the stack, and a box would cost every hit an allocation.
-#[allow(clippy::large_enum_variant)]
 pub enum Found {
     /// Nothing stored.
     Absent,
     /// A decodable entry whose generations are all current.
-    Entry(Entry),
+    Entry(Arc<Entry>),
     /// An entry filled before one of its tags was purged.
     Dead,
     /// Bytes that are not a valid entry for this key (treated as a miss, then overwritten).
@@ -66,6 +70,8 @@ pub struct Lookup {
     pub gens: Vec<Option<u64>>,
     /// The session value, when a session key was asked for.
     pub session: Option<Bytes>,
+    /// The entry came from the in-process tier over a remote store.
+    pub from_l1: bool,
 }
 
 /// Room for an entry's envelope (timeline, generations, headers) beyond its body.
@@ -81,7 +87,30 @@ pub struct Cache {
     /// largest entry written. Follows `max_object_size` across reloads.
     entry_limit: AtomicU64,
     pub flights: coalesce::Flights,
+    /// The in-process tier: a copy of entries over a remote store, or the entries
+    /// themselves over the embedded one.
+    l1: Option<L1>,
+    /// Entries are written to (and read from) the store; false for the embedded store,
+    /// whose entries live only in `l1`.
+    entries_in_store: bool,
+    /// The coherence table of a remote store's small keys, once tracking was started.
+    mirror: OnceLock<Arc<Mirror>>,
+    /// The prefix under which sessions are tracked (none: sessions are always read from
+    /// the store). A session key is vouched for only if it starts with it, so a reload that
+    /// changes the template cannot make the table answer for keys it does not track.
+    session_prefix: OnceLock<Vec<u8>>,
+    /// When this instance last extended each generation key (ms), so that fills do not
+    /// touch a shared tag (and announce a change of it to every instance) on every store.
+    touched: Mutex<HashMap<Id, u64>>,
+    metrics: Arc<Metrics>,
 }
+
+/// A generation key extended within this long is not extended again by a fill: it lives
+/// at least an hour past the longest entry (`Live::generation_ttl`), so half of that margin
+/// keeps every entry stored meanwhile covered.
+const TOUCH_EVERY_MS: u64 = 30 * 60 * 1000;
+/// Bound on the touch memo (it is emptied past this).
+const TOUCH_MEMO_MAX: usize = 10_000;
 
 fn parse_gen(v: &Option<Bytes>) -> Option<u64> {
     let b = v.as_ref()?;
@@ -95,18 +124,29 @@ fn parse_gen(v: &Option<Bytes>) -> Option<u64> {
 impl Cache {
     /// `gen_ttl` must be at least the longest time any entry is kept; `max_object_size`
     /// bounds entry bodies (`[cache] max_object_size`).
+    /// `l1`: the in-process tier; required for the embedded store, where it holds the
+    /// entries (without one, nothing would be cached).
     pub fn new(
         store: Arc<Guarded>,
         prefix: &str,
         gen_ttl: Duration,
         max_object_size: usize,
+        l1: Option<L1>,
+        metrics: Arc<Metrics>,
     ) -> Cache {
+        let entries_in_store = !store.is_local() || l1.is_none();
         let cache = Cache {
             store,
             keys: Keys::new(prefix),
             gen_ttl_ms: AtomicU64::new(0),
             entry_limit: AtomicU64::new(0),
             flights: coalesce::Flights::default(),
+            l1,
+            entries_in_store,
+            mirror: OnceLock::new(),
+            session_prefix: OnceLock::new(),
+            touched: Mutex::new(HashMap::new()),
+            metrics,
         };
         cache.set_limits(gen_ttl, max_object_size);
         cache
@@ -141,12 +181,106 @@ impl Cache {
     /// How long a finished fill stays joinable after its write: as long as a lookup that
     /// started before the write may still be on its way back (a store round trip, bounded
     /// by the command timeout), and no longer, since it holds the whole entry. An
-    /// in-process store answers lookups at once.
+    /// in-process store answers lookups at once, and with the in-process tier such a
+    /// lookup finds the fill there (`holds`) instead.
     pub fn write_linger(&self) -> Duration {
-        if self.store.is_local() {
+        if self.store.is_local() || self.l1.is_some() {
             Duration::from_millis(1)
         } else {
             self.store.timeout()
+        }
+    }
+
+    /// The in-process tier holds a fresh entry under `id` (a fill finished since a lookup
+    /// began: look up again rather than fetch again).
+    pub fn holds(&self, id: &Id) -> bool {
+        self.l1
+            .as_ref()
+            .and_then(|l| l.get(id))
+            .is_some_and(|e| crate::clock::now_ms() < e.fresh_until_ms)
+    }
+
+    /// A compact copy of a fill's entry: its body and header values are slices of the
+    /// upstream connection's read buffers, which anything holding them would pin (many
+    /// times their size); the copy shares one exact buffer.
+    pub fn compact(entry: Entry) -> Entry {
+        match Entry::decode(entry.encode(), &entry.key) {
+            Ok(c) => c,
+            Err(_) => entry,
+        }
+    }
+
+    /// Over a remote store: start keeping the coherence table of its small keys (tag
+    /// generations; sessions too when `session_prefix`, the static start of the session
+    /// key template, names keys of their own). Until tracking is acknowledged the in-process
+    /// tier is not used without asking the store. Nothing to do for the embedded store.
+    pub fn track(&self, serve_disconnected: Duration, session_prefix: &str) {
+        if self.l1.is_none() || !self.entries_in_store {
+            return;
+        }
+        let gen_prefix = self.keys.generation_prefix();
+        let mut prefixes = vec![gen_prefix.clone()];
+        // Redis refuses overlapping BCAST prefixes, and an empty one would announce every
+        // write to every key: sessions are tracked only under a prefix apart from both.
+        let sp = session_prefix.as_bytes();
+        let sessions =
+            !sp.is_empty() && !sp.starts_with(&gen_prefix) && !gen_prefix.starts_with(sp);
+        if sessions {
+            prefixes.push(sp.to_vec());
+            let _ = self.session_prefix.set(sp.to_vec());
+        }
+        // The table gets the eighth of `l1_max_bytes` the tier leaves (about 192 bytes a
+        // key with its value and map slot), and uses about half of it between clears.
+        let max_keys = (self.l1_budget() / 7 / 192).max(4096) as usize;
+        let mirror = Arc::new(Mirror::new(max_keys, serve_disconnected));
+        if self.mirror.set(mirror.clone()).is_ok() {
+            self.store.track(mirror, prefixes);
+        }
+    }
+
+    fn session_tracked(&self, key: &SessionKey) -> bool {
+        self.session_prefix
+            .get()
+            .is_some_and(|p| key.0.as_bytes().starts_with(p))
+    }
+
+    fn l1_budget(&self) -> u64 {
+        self.l1.as_ref().map_or(0, |l| l.max_bytes())
+    }
+
+    /// Follow a reload of `[cache] l1_serve_disconnected`.
+    pub fn set_serve_disconnected(&self, d: Duration) {
+        if let Some(m) = self.mirror.get() {
+            m.set_serve_disconnected(d);
+        }
+    }
+
+    /// Update the gauges and counters read off the tiers (at scrape time).
+    pub fn observe(&self) {
+        let m = &self.metrics;
+        let mut held = (0, 0);
+        if let Some(l1) = &self.l1 {
+            held = l1.stats();
+            m.l1_bytes.set(held.0 as i64);
+            m.l1_entries.set(held.1 as i64);
+            let ev = l1.evictions();
+            m.l1_evictions
+                .inc_by(ev.saturating_sub(m.l1_evictions.get()));
+        }
+        if let Some(mirror) = self.mirror.get() {
+            m.tracking_state.set(i64::from(mirror.is_connected()));
+            let n = mirror.invalidations();
+            m.invalidations
+                .inc_by(n.saturating_sub(m.invalidations.get()));
+            let n = mirror.losses();
+            m.tracking_losses
+                .inc_by(n.saturating_sub(m.tracking_losses.get()));
+        }
+        if let Some((bytes, items)) = self.store.stats() {
+            // The embedded store's entries are the tier's.
+            let (b, n) = if self.entries_in_store { (0, 0) } else { held };
+            m.store_bytes.set((bytes + b) as i64);
+            m.store_entries.set((items + n) as i64);
         }
     }
 
@@ -167,32 +301,189 @@ impl Cache {
             Some(bytes) if bytes.len() > self.entry_limit() => Found::Corrupt,
             Some(bytes) => match Entry::decode(bytes, id) {
                 Err(_) => Found::Corrupt,
-                Ok(entry) if generations_match(&entry, tags, gens) => Found::Entry(entry),
+                Ok(entry) if generations_match(&entry, tags, gens) => {
+                    let entry = Arc::new(entry);
+                    if let Some(l1) = &self.l1 {
+                        // Its body and headers share the one buffer read from the store.
+                        l1.insert(entry.clone(), None);
+                    }
+                    Found::Entry(entry)
+                }
                 Ok(_) => Found::Dead,
             },
         }
     }
 
-    /// One round trip: the session value (if asked), the entry, and its tags' generations.
+    /// What the in-process tier holds under `id` for these generations.
+    fn found_local(&self, id: &Id, tags: &[Id], gens: &[Option<u64>]) -> Found {
+        match self.l1.as_ref().and_then(|l| l.get(id)) {
+            None => Found::Absent,
+            Some(e) if generations_match(&e, tags, gens) => Found::Entry(e),
+            Some(_) => Found::Dead,
+        }
+    }
+
+    /// A fresh copy in the in-process tier (over a remote store).
+    fn fresh_copy(&self, id: &Id) -> Option<Arc<Entry>> {
+        let e = self.l1.as_ref()?.get(id)?;
+        (crate::clock::now_ms() < e.fresh_until_ms).then_some(e)
+    }
+
+    /// Answer from the in-process tier alone: a fresh copy whose generations (and the
+    /// session, if asked) the coherence table knows to be current. No store command.
+    fn lookup_tracked(
+        &self,
+        tags: &[Id],
+        gen_keys: &[GenKey],
+        session: Option<&SessionKey>,
+        copy: &Arc<Entry>,
+    ) -> Option<Lookup> {
+        let mirror = self.mirror.get()?;
+        if session.is_some_and(|s| !self.session_tracked(s)) {
+            return None;
+        }
+        let mut values = Vec::with_capacity(gen_keys.len() + 1);
+        let keys = session
+            .map(|s| s.0.as_bytes())
+            .into_iter()
+            .chain(gen_keys.iter().map(|g| &g.0[..]));
+        if !mirror.get_all(keys, &mut values) {
+            return None;
+        }
+        let mut values = values.into_iter();
+        let session = match session {
+            Some(_) => values.next(),
+            None => None,
+        };
+        let gens: Vec<Option<u64>> = values.map(|v| parse_gen(&Some(v))).collect();
+        if !generations_match(copy, tags, &gens) {
+            return None;
+        }
+        Some(Lookup {
+            found: Found::Entry(copy.clone()),
+            gens,
+            session,
+            from_l1: true,
+        })
+    }
+
+    /// Record small keys just read into the coherence table (under the ticket taken
+    /// before the read).
+    fn record(
+        &self,
+        ticket: Option<mirror::Ticket>,
+        gen_keys: &[GenKey],
+        gens: &[Option<Bytes>],
+        session: Option<(&SessionKey, &Option<Bytes>)>,
+    ) {
+        let (Some(mirror), Some(ticket)) = (self.mirror.get(), ticket) else {
+            return;
+        };
+        let session = session
+            .filter(|(k, _)| self.session_tracked(k))
+            .and_then(|(k, v)| Some((k.0.as_bytes(), v.as_ref()?)));
+        let gens = gen_keys
+            .iter()
+            .zip(gens)
+            .filter_map(|(k, v)| Some((&k.0[..], v.as_ref()?)));
+        mirror.record(ticket, session.into_iter().chain(gens));
+    }
+
+    /// Look up an entry with its tags' generations and the session (if asked).
+    ///
+    /// Over a remote store: a fresh copy in the in-process tier whose generations (and
+    /// session) the coherence table vouches for is a hit with no store command; a copy the
+    /// table cannot vouch for costs a read of the small keys only; otherwise one round trip
+    /// reads the entry beside them, and a usable entry read is kept in the tier. Over the
+    /// embedded store the small keys are read in process and the entry is the tier's.
     pub async fn lookup(
         &self,
         id: &Id,
         tags: &[Id],
         session: Option<&SessionKey>,
     ) -> Result<Lookup, StoreError> {
-        let entry_key = self.keys.entry(id);
         let gen_keys: Vec<_> = tags.iter().map(|t| self.keys.generation(t)).collect();
-        let read = self
-            .store
-            .lookup(Some((&entry_key, self.entry_limit())), session, &gen_keys)
+        if !self.entries_in_store {
+            let read = self.store.lookup(None, session, &gen_keys).await?;
+            let gens: Vec<Option<u64>> = read.gens.iter().map(parse_gen).collect();
+            let found = self.found_local(id, tags, &gens);
+            self.count(&found);
+            return Ok(Lookup {
+                found,
+                gens,
+                session: read.session,
+                from_l1: false,
+            });
+        }
+        let copy = self.fresh_copy(id);
+        if let Some(copy) = &copy {
+            if let Some(hit) = self.lookup_tracked(tags, &gen_keys, session, copy) {
+                self.metrics.l1_hits.inc();
+                return Ok(hit);
+            }
+            // The copy may still be current: ask for the small keys only.
+            let (read, gens) = self.read(None, session, &gen_keys).await?;
+            if generations_match(copy, tags, &gens) {
+                self.metrics.l1_hits.inc();
+                return Ok(Lookup {
+                    found: Found::Entry(copy.clone()),
+                    gens,
+                    session: read.session,
+                    from_l1: true,
+                });
+            }
+        }
+        if self.l1.is_some() {
+            self.metrics.l1_misses.inc();
+        }
+        let entry_key = self.keys.entry(id);
+        let limit = self.entry_limit();
+        let (read, gens) = self
+            .read(Some((&entry_key, limit)), session, &gen_keys)
             .await?;
-        let gens: Vec<Option<u64>> = read.gens.iter().map(parse_gen).collect();
         let found = self.found(read.entry, id, tags, &gens);
         Ok(Lookup {
             found,
             gens,
             session: read.session,
+            from_l1: false,
         })
+    }
+
+    /// One read of the store (the entry if asked, the session and generations), its small
+    /// keys recorded into the coherence table; the generations parsed.
+    async fn read(
+        &self,
+        entry: Option<(&key::EntryKey, usize)>,
+        session: Option<&SessionKey>,
+        gen_keys: &[GenKey],
+    ) -> Result<(store::Read, Vec<Option<u64>>), StoreError> {
+        let ticket = self.mirror.get().map(|m| m.ticket());
+        let read = self.store.lookup(entry, session, gen_keys).await?;
+        self.record(
+            ticket,
+            gen_keys,
+            &read.gens,
+            session.map(|s| (s, &read.session)),
+        );
+        let gens = read.gens.iter().map(parse_gen).collect();
+        Ok((read, gens))
+    }
+
+    fn count(&self, found: &Found) {
+        if matches!(found, Found::Entry(_)) {
+            self.metrics.l1_hits.inc();
+        } else {
+            self.metrics.l1_misses.inc();
+        }
+    }
+
+    /// Keep a fill's entry (`compact`ed) in the in-process tier for `ttl`, as the store
+    /// keeps it.
+    pub fn keep(&self, entry: &Arc<Entry>, ttl: Duration) {
+        if let Some(l1) = &self.l1 {
+            l1.insert(entry.clone(), Some(ttl));
+        }
     }
 
     /// The generations a fill records: the ones read by the lookup, with absent keys
@@ -244,42 +535,85 @@ impl Cache {
     }
 
     /// Store entries (a response, and its vary marker if any) for `ttl` in one round trip,
-    /// and extend their tags' generation keys to outlive them.
+    /// and extend their tags' generation keys to outlive them. (The in-process tier got
+    /// them already: `keep`.)
     pub async fn put(&self, entries: &[&Entry], ttl: Duration) -> Result<(), StoreError> {
         let Some(first) = entries.first() else {
             return Ok(());
         };
-        let items: Vec<_> = entries
-            .iter()
-            .map(|e| (self.keys.entry(&e.key), e.encode()))
-            .collect();
+        let items: Vec<_> = if self.entries_in_store {
+            entries
+                .iter()
+                .map(|e| (self.keys.entry(&e.key), e.encode()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         if items.iter().any(|(_, v)| v.len() > self.entry_limit()) {
             // Headers past the envelope allowance: it could never be read back whole.
             return Ok(());
         }
-        let touch: Vec<_> = first
-            .gens
-            .iter()
-            .map(|(t, _)| self.keys.generation(t))
-            .collect();
+        let touch = self.to_touch(first);
         self.store.put(items, ttl, &touch, self.gen_ttl()).await
     }
 
+    /// The generation keys of an entry that this instance has not extended lately.
+    /// Extending one announces a change of it to every tracking instance, which then reads
+    /// it again: a tag shared by every entry must not be touched by every fill.
+    fn to_touch(&self, entry: &Entry) -> Vec<GenKey> {
+        let now = crate::clock::now_ms();
+        let mut memo = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+        if memo.len() > TOUCH_MEMO_MAX {
+            memo.clear();
+        }
+        entry
+            .gens
+            .iter()
+            .filter(|(t, _)| match memo.get(t) {
+                Some(at) if now.saturating_sub(*at) < TOUCH_EVERY_MS => false,
+                _ => {
+                    memo.insert(*t, now);
+                    true
+                }
+            })
+            .map(|(t, _)| self.keys.generation(t))
+            .collect()
+    }
+
     /// Read one more entry (a variant named by a vary marker) against generations already
-    /// read by the lookup.
+    /// read by the lookup: the in-process tier's copy when it is current, else the store's.
     pub async fn lookup_entry(
         &self,
         id: &Id,
         tags: &[Id],
         gens: &[Option<u64>],
     ) -> Result<Found, StoreError> {
+        Ok(self.lookup_variant(id, tags, gens).await?.0)
+    }
+
+    /// As `lookup_entry`; true when the entry came from the in-process tier over a remote
+    /// store.
+    pub async fn lookup_variant(
+        &self,
+        id: &Id,
+        tags: &[Id],
+        gens: &[Option<u64>],
+    ) -> Result<(Found, bool), StoreError> {
+        if !self.entries_in_store {
+            return Ok((self.found_local(id, tags, gens), false));
+        }
+        if let Some(copy) = self.fresh_copy(id)
+            && generations_match(&copy, tags, gens)
+        {
+            return Ok((Found::Entry(copy), true));
+        }
         let key = self.keys.entry(id);
         let read = self
             .store
             .lookup(Some((&key, self.entry_limit())), None, &[])
             .await?;
         let raw = read.entry?;
-        Ok(self.found(Ok(raw), id, tags, gens))
+        Ok((self.found(Ok(raw), id, tags, gens), false))
     }
 
     /// Purge: give each tag a new generation (one round trip).
@@ -326,7 +660,14 @@ mod tests {
             Duration::from_millis(100),
             metrics,
         ));
-        Cache::new(store, "t:", Duration::from_secs(3600), 1 << 20)
+        Cache::new(
+            store,
+            "t:",
+            Duration::from_secs(3600),
+            1 << 20,
+            None,
+            Arc::new(Metrics::new()),
+        )
     }
 
     fn entry(id: Id, gens: Vec<(Id, u64)>) -> Entry {

@@ -408,6 +408,8 @@ fn compile_cache(cx: &mut Cx<'_>, f: &CacheFile) -> CacheConfig {
         distributed_lock: get(&f.distributed_lock, false),
         honor_client_no_cache: get(&f.honor_client_no_cache, false),
         credential_headers,
+        l1_max_bytes: get(&f.l1_max_bytes, 64 << 20),
+        l1_serve_disconnected: get(&f.l1_serve_disconnected, Duration::ZERO),
     }
 }
 

@@ -166,6 +166,8 @@ pub struct CacheFile {
     pub honor_client_no_cache: Val<bool>,
     pub statuses: Val<Vec<Spanned<i64>>>,
     pub credential_headers: Val<Vec<Spanned<String>>>,
+    pub l1_max_bytes: Val<u64>,
+    pub l1_serve_disconnected: Val<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -352,6 +354,8 @@ fn read_cache(mut t: Table<'_, '_>) -> Spanned<CacheFile> {
         honor_client_no_cache: t.boolean("honor_client_no_cache"),
         statuses: t.integers("statuses"),
         credential_headers: t.strings("credential_headers"),
+        l1_max_bytes: t.size("l1_max_bytes"),
+        l1_serve_disconnected: t.duration("l1_serve_disconnected"),
     };
     t.done(
         f,
@@ -362,6 +366,8 @@ fn read_cache(mut t: Table<'_, '_>) -> Spanned<CacheFile> {
             "honor_client_no_cache",
             "statuses",
             "credential_headers",
+            "l1_max_bytes",
+            "l1_serve_disconnected",
         ],
     )
 }

@@ -196,6 +196,11 @@ pub struct CacheConfig {
     /// Request headers besides Authorization that carry credentials: a request with one of
     /// them never touches an entry shared between users unless the rule is `public`.
     pub credential_headers: Vec<http::HeaderName>,
+    /// Bound of the in-process tier over Redis (0: no tier). The embedded store's tier is
+    /// sized by `[store] max_bytes` instead.
+    pub l1_max_bytes: u64,
+    /// How long the in-process tier may still answer after Redis tracking was lost.
+    pub l1_serve_disconnected: Duration,
 }
 
 impl Config {

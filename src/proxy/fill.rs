@@ -25,6 +25,7 @@ use super::respond::{self, Fwd, Trace};
 use super::{Cx, Served};
 use crate::app::{App, Live};
 use crate::body::{self, ProxyBody, Tee, empty};
+use crate::cache::Cache;
 use crate::cache::coalesce::{self, Joined, Leader, Lease, LeaseOutcome};
 use crate::cache::entry::Entry;
 use crate::cache::key::{self, Id};
@@ -94,7 +95,7 @@ pub async fn fill(
     leader: Leader,
     job: FillJob,
     rule: &Rule,
-    stale: Option<Entry>,
+    stale: Option<Arc<Entry>>,
     miss: Trace,
 ) -> Result<Served, ProxyError> {
     let recorded = match cx.app.cache.record_gens(&job.tags, &job.seen).await {
@@ -110,7 +111,6 @@ pub async fn fill(
     leader.set_recorded(recorded.clone());
     let lease = match lease(cx, &job, &recorded).await {
         LeaseOutcome::Filled(entry) => {
-            let entry = Arc::new(entry);
             leader.complete(entry.clone());
             leader.stored();
             return Ok(serve_coalesced(&entry, &parts));
@@ -119,7 +119,7 @@ pub async fn fill(
         LeaseOutcome::Proceed => None,
     };
     let client_method = parts.method.clone();
-    let fetched = fetch(cx, &parts.headers, &job, &recorded, rule, stale.as_ref()).await;
+    let fetched = fetch(cx, &parts.headers, &job, &recorded, rule, stale.as_deref()).await;
     match fetched {
         Err(e) => {
             drop(lease);
@@ -422,7 +422,7 @@ async fn fetch(
         {
             rparts.headers.insert(header::DATE, date);
         }
-        let mut entry = s.clone();
+        let mut entry = Entry::clone(s);
         revalidate::refresh_headers(&mut entry.headers, &rparts.headers);
         let ttl = policy::decide(
             entry.status,
@@ -513,7 +513,16 @@ fn publish(
     ttl: Option<Duration>,
     lease: Option<Lease>,
 ) {
-    let entry = Arc::new(entry);
+    // Waiters, the lingering flight and the in-process tier share one compact copy.
+    let entry = Arc::new(Cache::compact(entry));
+    if let Some(ttl) = ttl {
+        // The in-process tier has it before the client sees the end of the body, so this
+        // instance's next request for it is a hit whatever the store write is doing.
+        app.cache.keep(&entry, ttl);
+        if let Some(m) = &marker {
+            app.cache.keep(&Arc::new(Cache::compact(m.clone())), ttl);
+        }
+    }
     leader.complete(entry.clone());
     let Some(ttl) = ttl else {
         // Not to be stored: the waiters have it; the flight retires now.
@@ -562,7 +571,13 @@ async fn lease(cx: &Cx, job: &FillJob, recorded: &[u64]) -> LeaseOutcome {
 /// Refresh a stale entry in the background (stale-while-revalidate), once per key in the
 /// process (and once across instances with the distributed lock). The refresh uses the
 /// request's configuration snapshot.
-pub fn spawn_refresh(cx: &Cx, headers: &HeaderMap, job: FillJob, rule_index: usize, stale: Entry) {
+pub fn spawn_refresh(
+    cx: &Cx,
+    headers: &HeaderMap,
+    job: FillJob,
+    rule_index: usize,
+    stale: Arc<Entry>,
+) {
     let epoch = cx.app.purger.epoch();
     let Joined::Leader(leader) = cx
         .app
@@ -586,7 +601,7 @@ async fn refresh(
     headers: HeaderMap,
     leader: Leader,
     job: FillJob,
-    stale: Entry,
+    stale: Arc<Entry>,
 ) -> RefreshResult {
     let live = cx.live.clone();
     let Some(rule) = cx.rule.and_then(|i| live.config.rules.rules().get(i)) else {
@@ -640,7 +655,7 @@ async fn refresh(
 /// Answer with a stale entry because the upstream failed (RFC 5861 stale-if-error);
 /// `status` is the upstream's failing status, if it answered.
 fn serve_stale_on_error(
-    entry: Entry,
+    entry: Arc<Entry>,
     method: &Method,
     request: &HeaderMap,
     status: Option<StatusCode>,
@@ -657,8 +672,8 @@ fn serve_stale_on_error(
     let age = respond::current_age(&entry, now);
     let response = respond::from_entry(
         entry.status,
-        entry.headers,
-        entry.body,
+        entry.headers.clone(),
+        entry.body.clone(),
         age,
         method,
         request,

@@ -186,6 +186,7 @@ pub async fn cached(
         }
         let mut flight_id = id;
         let mut known_vary = Vec::new();
+        let mut from_variant_l1 = false;
         if let Found::Entry(marker) = &found
             && marker.flags & entry_flags::VARY_INDEX != 0
         {
@@ -194,11 +195,16 @@ pub async fn cached(
             found = match cx
                 .app
                 .cache
-                .lookup_entry(&flight_id, &tags, &lookup.gens)
+                .lookup_variant(&flight_id, &tags, &lookup.gens)
                 .await
             {
-                Ok(Found::Entry(e)) if e.flags & entry_flags::VARY_INDEX != 0 => Found::Corrupt,
-                Ok(f) => f,
+                Ok((Found::Entry(e), _)) if e.flags & entry_flags::VARY_INDEX != 0 => {
+                    Found::Corrupt
+                }
+                Ok((f, from_l1)) => {
+                    from_variant_l1 = from_l1;
+                    f
+                }
                 Err(_) => {
                     let why = Reason::StoreUnavailable;
                     return degraded(cx, parts, body, base, id, rule, None, why).await;
@@ -212,10 +218,19 @@ pub async fn cached(
             ..Trace::bypass(None)
         };
         let mut stale = None;
+        let absent = matches!(found, Found::Absent);
         match found {
             Found::Entry(entry) if now < entry.fresh_until_ms && !client_revalidates => {
-                let trace = Trace::hit(respond::ttl_left(&entry, now));
-                return Ok(Served::new(serve(entry, &parts, now), trace));
+                let mut trace = Trace::hit(respond::ttl_left(&entry, now));
+                let from_l1 = if known_vary.is_empty() {
+                    lookup.from_l1
+                } else {
+                    from_variant_l1
+                };
+                if from_l1 {
+                    trace.reason = Some(Reason::L1);
+                }
+                return Ok(Served::new(serve(&entry, &parts, now), trace));
             }
             Found::Entry(entry) if now < entry.swr_until_ms && !client_revalidates => {
                 // RFC 5861: answer at once, refresh once in the background.
@@ -233,7 +248,7 @@ pub async fn cached(
                     reason: Some(Reason::StaleWhileRevalidate),
                     ..Trace::hit(respond::ttl_left(&entry, now))
                 };
-                return Ok(Served::new(serve(entry, &parts, now), trace));
+                return Ok(Served::new(serve(&entry, &parts, now), trace));
             }
             Found::Entry(entry) => {
                 miss.fwd = Some(if client_revalidates {
@@ -263,6 +278,11 @@ pub async fn cached(
             return forward::bypass(cx, parts, body, Reason::RequestNoStore).await;
         }
 
+        // A fill of this key finished since the lookup began: look again, do not fetch again.
+        if relookup && absent && cx.app.cache.holds(&flight_id) {
+            relookup = false;
+            continue;
+        }
         let epoch = cx.app.purger.epoch();
         match cx
             .app
@@ -388,12 +408,12 @@ async fn wait_for_fill(
 }
 
 /// Serve a stored entry owned by this request (no header map copy).
-pub fn serve(entry: Entry, parts: &Parts, now: u64) -> Response<ProxyBody> {
-    let age = respond::current_age(&entry, now);
+pub fn serve(entry: &Entry, parts: &Parts, now: u64) -> Response<ProxyBody> {
+    let age = respond::current_age(entry, now);
     respond::from_entry(
         entry.status,
-        entry.headers,
-        entry.body,
+        entry.headers.clone(),
+        entry.body.clone(),
         age,
         &parts.method,
         &parts.headers,

@@ -6,6 +6,7 @@ mod cache;
 mod caching;
 mod cli;
 mod hardening;
+mod l1;
 mod layers;
 mod memory;
 mod proxy;

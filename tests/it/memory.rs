@@ -71,3 +71,42 @@ async fn the_embedded_store_stays_within_its_memory_bound() {
         max_bytes >> 20
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tier_over_redis_stays_within_its_memory_bound() {
+    const BODY: usize = 1 << 10;
+    let redis = Redis::start().await;
+    let origin = Origin::start(handler(|s, _| {
+        let mut body = s.path.clone().into_bytes();
+        body.resize(BODY, b'.');
+        Answer::ok(body)
+    }))
+    .await;
+    let l1_max: u64 = 32 << 20;
+    let daemon = Daemon::start(&format!(
+        "[upstream]\nurl = \"{}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"2s\"\n\
+         [cache]\nl1_max_bytes = \"32MiB\"\n\
+         [[rule]]\nname = \"item\"\nmatch = \"/item/{{id}}\"\nttl = \"1h\"\n",
+        origin.url(),
+        redis.url()
+    ))
+    .await;
+    load(&daemon.addr, "warm", 256, 16).await;
+    load(&daemon.addr, "warm", 256, 16).await;
+    let baseline = daemon.rss();
+    // 200k distinct keys: about ten times what the bound holds.
+    load(&daemon.addr, "k", 200_000, 32).await;
+    let grown = daemon.rss().saturating_sub(baseline);
+    eprintln!(
+        "tier bound: baseline {} MiB, grown {} MiB for l1_max_bytes {} MiB",
+        baseline >> 20,
+        grown >> 20,
+        l1_max >> 20
+    );
+    assert!(
+        grown as f64 <= 1.2 * l1_max as f64,
+        "RSS grew by {} MiB over its baseline for a {} MiB tier",
+        grown >> 20,
+        l1_max >> 20
+    );
+}

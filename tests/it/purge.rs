@@ -10,7 +10,7 @@ use crate::support::*;
 
 /// An origin with versioned resources: GET answers the current version, PUT/POST/PATCH/DELETE
 /// increment it (paths ending in /404 and /500 fail instead).
-struct Versioned {
+pub(crate) struct Versioned {
     versions: Arc<Mutex<HashMap<String, u64>>>,
 }
 
@@ -18,7 +18,7 @@ fn resource(path: &str) -> String {
     path.trim_start_matches('/').to_string()
 }
 
-async fn versioned() -> (Origin, Versioned) {
+pub(crate) async fn versioned() -> (Origin, Versioned) {
     let versions: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let v = versions.clone();
     let origin = Origin::start(Arc::new(move |s, _| {
@@ -49,15 +49,15 @@ async fn versioned() -> (Origin, Versioned) {
     (origin, Versioned { versions })
 }
 
-fn v_of(got: &Got) -> u64 {
+pub(crate) fn v_of(got: &Got) -> u64 {
     let v: serde_json::Value = serde_json::from_slice(&got.body).unwrap_or_default();
     v["v"].as_u64().unwrap_or(u64::MAX)
 }
 
-const SECRET: &str = "purge-test-secret-0123456789";
-const ADMIN: &str = "purge-admin-token-0123456789";
+pub(crate) const SECRET: &str = "purge-test-secret-0123456789";
+pub(crate) const ADMIN: &str = "purge-admin-token-0123456789";
 
-const RULES: &str = r#"
+pub(crate) const RULES: &str = r#"
 [auth]
 jwt_secret_env = "JWT_SECRET"
 
@@ -94,7 +94,7 @@ match = "/plain/{id}"
 ttl = "5m"
 "#;
 
-async fn proxy_on(redis: &Redis, origin: &Origin) -> Proxy {
+pub(crate) async fn proxy_on(redis: &Redis, origin: &Origin) -> Proxy {
     Proxy::start_env(
         &config(origin, &redis_store(redis), RULES),
         &[("JWT_SECRET", SECRET), ("ADMIN_TOKEN", ADMIN)],
@@ -102,14 +102,14 @@ async fn proxy_on(redis: &Redis, origin: &Origin) -> Proxy {
     .await
 }
 
-fn token(sub: &str) -> String {
+pub(crate) fn token(sub: &str) -> String {
     hs256(
         SECRET,
         &serde_json::json!({"sub": sub, "exp": 4_000_000_000u64}),
     )
 }
 
-async fn session(redis: &Redis, sub: &str) -> String {
+pub(crate) async fn session(redis: &Redis, sub: &str) -> String {
     let t = token(sub);
     let _: () = redis.cmd(&["SET", &format!("user_token:{sub}"), &t]).await;
     format!("Bearer {t}")

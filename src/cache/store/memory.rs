@@ -127,6 +127,12 @@ fn weigh(k: &Arc<[u8]>, v: &Value) -> u32 {
 }
 
 impl MemoryStore {
+    /// Of `max_bytes`, what the entries get (the rest is for generations and sessions).
+    pub fn entry_budget(max_bytes: u64) -> u64 {
+        let small_budget = (max_bytes / 16).max(1 << 20);
+        max_bytes.saturating_sub(2 * small_budget).max(1 << 20)
+    }
+
     pub fn new(max_bytes: u64) -> MemoryStore {
         // Generations and sessions get a sixteenth each (at least 1 MiB), entries the rest.
         let small_budget = (max_bytes / 16).max(1 << 20);

@@ -153,6 +153,10 @@ pub trait Store: Send + Sync + 'static {
     fn ping(&self) -> BoxFut<'_, Result<(), StoreError>>;
     /// "memory" or "redis", for logs and readiness.
     fn kind(&self) -> &'static str;
+    /// Keep `mirror` equal to the store's keys under `prefixes` (tag generations,
+    /// sessions) for as long as the process runs. A store that cannot leaves the table
+    /// disconnected, so it is never used.
+    fn track(&self, _mirror: Arc<crate::cache::mirror::Mirror>, _prefixes: Vec<Vec<u8>>) {}
     /// True for a store in this process (its calls complete without waiting on anything).
     fn is_local(&self) -> bool {
         false
@@ -262,6 +266,11 @@ impl Guarded {
     /// True for a store in this process.
     pub fn is_local(&self) -> bool {
         self.inner.is_local()
+    }
+
+    /// Start keeping `mirror` coherent with the store (see `Store::track`).
+    pub fn track(&self, mirror: Arc<crate::cache::mirror::Mirror>, prefixes: Vec<Vec<u8>>) {
+        self.inner.track(mirror, prefixes);
     }
 
     /// Bytes and items held, for an in-process store.

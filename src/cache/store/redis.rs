@@ -14,18 +14,28 @@
 //! value under a key costs one bounded reply, never its whole size. Every command touches
 //! one key, and scripts never more than one.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, IntoConnectionInfo, Pipeline, Value};
+use redis::{
+    AsyncConnectionConfig, Client, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo,
+    PushKind, Value,
+};
 
 use super::{BoxFut, SMALL_LIMIT, Small, Store, StoreError};
 use crate::cache::key::{EntryKey, GenKey, LeaseKey, SessionKey};
+use crate::cache::mirror::Mirror;
 
 /// A Redis-backed store.
 pub struct RedisStore {
     client: Client,
+    /// The same server, spoken to in RESP3: the tracking connection.
+    tracking_client: Client,
+    timeout: Duration,
+    /// The coherence table the tracking connection keeps, once tracking was started.
+    mirror: OnceLock<Arc<Mirror>>,
     config: ConnectionManagerConfig,
     /// The connections of slot 0 (threads off the workers).
     first: Pair,
@@ -67,6 +77,12 @@ impl RedisStore {
             let settings = info.redis_settings().clone().set_password(pw);
             info = info.set_redis_settings(settings);
         }
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let tracking_client = Client::open(info.clone().set_redis_settings(resp3))
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
         let client = Client::open(info).map_err(|e| StoreError::Backend(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
@@ -84,6 +100,9 @@ impl RedisStore {
             .collect();
         Ok(RedisStore {
             client,
+            tracking_client,
+            timeout,
+            mirror: OnceLock::new(),
             config,
             first,
             workers,
@@ -110,6 +129,35 @@ impl RedisStore {
 
     async fn run(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
         run_on(&self.pair().small, pipe).await
+    }
+
+    /// A write of small keys this instance made has landed: drop them from the coherence
+    /// table now, without waiting for Redis to announce it (so this instance's next read
+    /// after the write never uses the old value).
+    fn wrote<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+        if let Some(m) = self.mirror.get() {
+            for k in keys {
+                m.invalidate(k);
+            }
+        }
+    }
+
+    /// Give generations new values (`pipe`), or delete them (`del`) when Redis refuses
+    /// writes for lack of memory.
+    async fn bump(&self, pipe: Pipeline, del: Pipeline) -> Result<(), StoreError> {
+        let mut refused = None;
+        for v in self.run(pipe).await? {
+            if let Value::ServerError(e) = v {
+                refused = Some(format!("{} {}", e.code(), e.details().unwrap_or_default()));
+            }
+        }
+        match refused {
+            None => Ok(()),
+            // Redis refuses writes (maxmemory with noeviction, say) but still deletes:
+            // an absent generation matches no entry, so a DEL purges as surely.
+            Some(why) if why.starts_with("OOM") => self.run(del).await.map(|_| ()),
+            Some(why) => Err(StoreError::Refused(why)),
+        }
     }
 
     /// One command on the small-keys connection, its reply.
@@ -300,7 +348,11 @@ impl Store for RedisStore {
                 .arg(ms(ttl))
                 .ignore();
         }
-        Box::pin(async move { self.run(pipe).await.map(|_| ()) })
+        Box::pin(async move {
+            let r = self.run(pipe).await.map(|_| ());
+            self.wrote(items.iter().map(|(k, _)| &k.0[..]));
+            r
+        })
     }
 
     fn bump_gens<'a>(
@@ -322,19 +374,10 @@ impl Store for RedisStore {
             del.cmd("DEL").arg(&k.0).ignore();
         }
         Box::pin(async move {
-            let mut refused = None;
-            for v in self.run(pipe).await? {
-                if let Value::ServerError(e) = v {
-                    refused = Some(format!("{} {}", e.code(), e.details().unwrap_or_default()));
-                }
-            }
-            match refused {
-                None => Ok(()),
-                // Redis refuses writes (maxmemory with noeviction, say) but still deletes:
-                // an absent generation matches no entry, so a DEL purges as surely.
-                Some(why) if why.starts_with("OOM") => self.run(del).await.map(|_| ()),
-                Some(why) => Err(StoreError::Refused(why)),
-            }
+            let r = self.bump(pipe, del).await;
+            // Also after a failure: the write may have landed.
+            self.wrote(items.iter().map(|(k, _)| &k.0[..]));
+            r
         })
     }
 
@@ -350,7 +393,11 @@ impl Store for RedisStore {
             cmd.arg("PX").arg(ms(ttl));
         }
         cmd.ignore();
-        Box::pin(async move { self.run(pipe).await.map(|_| ()) })
+        Box::pin(async move {
+            let r = self.run(pipe).await.map(|_| ());
+            self.wrote(std::iter::once(key.0.as_bytes()));
+            r
+        })
     }
 
     fn session_end<'a>(
@@ -359,13 +406,21 @@ impl Store for RedisStore {
         token: Bytes,
     ) -> BoxFut<'a, Result<bool, StoreError>> {
         let pipe = del_if_equals(key.0.as_bytes(), &token);
-        Box::pin(async move { Ok(done(&self.one(pipe).await?)) })
+        Box::pin(async move {
+            let r = self.one(pipe).await;
+            self.wrote(std::iter::once(key.0.as_bytes()));
+            Ok(done(&r?))
+        })
     }
 
     fn session_delete<'a>(&'a self, key: &'a SessionKey) -> BoxFut<'a, Result<bool, StoreError>> {
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(key.0.as_bytes());
-        Box::pin(async move { Ok(done(&self.one(pipe).await?)) })
+        Box::pin(async move {
+            let r = self.one(pipe).await;
+            self.wrote(std::iter::once(key.0.as_bytes()));
+            Ok(done(&r?))
+        })
     }
 
     fn session_ttl<'a>(
@@ -419,5 +474,155 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn track(&self, mirror: Arc<Mirror>, prefixes: Vec<Vec<u8>>) {
+        if self.mirror.set(mirror.clone()).is_err() {
+            return;
+        }
+        let client = self.tracking_client.clone();
+        let timeout = self.timeout.max(Duration::from_millis(250));
+        let weak = Arc::downgrade(&mirror);
+        // A thread of its own, idle but for this connection: an invalidation is taken in as
+        // soon as it arrives, however busy the workers are.
+        let started = std::thread::Builder::new()
+            .name("cachegate-tracking".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(track_forever(client, weak, prefixes, timeout)),
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "cannot run Redis tracking; the in-process tier stays off"
+                    ),
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "cannot run Redis tracking; the in-process tier stays off");
+        }
+    }
+}
+
+/// How often the tracking connection is checked when nothing else is heard from it: a
+/// connection that dies silently (no reset) is noticed within this plus the timeout.
+const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// Keep a tracking connection subscribed for as long as the table exists: connect,
+/// subscribe, heartbeat; on any failure mark the table lost and start again (with a backoff).
+async fn track_forever(
+    client: Client,
+    mirror: std::sync::Weak<Mirror>,
+    prefixes: Vec<Vec<u8>>,
+    timeout: Duration,
+) {
+    let mut backoff = Duration::from_millis(50);
+    let mut down = false;
+    loop {
+        let gone = Arc::new(tokio::sync::Notify::new());
+        let result = tracking_session(&client, &mirror, &prefixes, timeout, &gone).await;
+        let Some(table) = mirror.upgrade() else {
+            return;
+        };
+        table.lost();
+        match result {
+            Ok(()) => {
+                backoff = Duration::from_millis(50);
+                tracing::warn!(
+                    "Redis tracking connection lost; the in-process tier is not used until it is back"
+                );
+                down = true;
+            }
+            Err(e) if !down => {
+                tracing::warn!(
+                    error = %e,
+                    "Redis tracking unavailable; the in-process tier is not used until it is back"
+                );
+                down = true;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One tracking connection's life. `Ok` once it was acknowledged and then lost (or the
+/// table is gone); `Err` if it never got that far.
+async fn tracking_session(
+    client: &Client,
+    mirror: &std::sync::Weak<Mirror>,
+    prefixes: &[Vec<u8>],
+    timeout: Duration,
+    gone: &Arc<tokio::sync::Notify>,
+) -> Result<(), String> {
+    let table = mirror.clone();
+    let notify = gone.clone();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_push_sender(move |info: PushInfo| -> Result<(), ()> {
+            if let Some(m) = table.upgrade() {
+                on_push(&m, &notify, info);
+            }
+            Ok(())
+        });
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut cmd = redis::cmd("CLIENT");
+    cmd.arg("TRACKING").arg("ON").arg("BCAST");
+    for p in prefixes {
+        cmd.arg("PREFIX").arg(&p[..]);
+    }
+    cmd.query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| format!("CLIENT TRACKING refused: {e}"))?;
+    match mirror.upgrade() {
+        Some(m) => m.restored(),
+        None => return Ok(()),
+    }
+    // A disconnection announced before `restored` left a permit: the first wait ends at once.
+    loop {
+        tokio::select! {
+            _ = gone.notified() => return Ok(()),
+            _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        if mirror.strong_count() == 0
+            || redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .is_err()
+        {
+            return Ok(());
+        }
+    }
+}
+
+/// An invalidation (keys, or a flush) or the connection's end, as Redis and the client
+/// library announce them.
+fn on_push(mirror: &Mirror, gone: &tokio::sync::Notify, info: PushInfo) {
+    match info.kind {
+        PushKind::Invalidate => match info.data.into_iter().next() {
+            Some(Value::Array(keys)) => {
+                for k in keys {
+                    match k {
+                        Value::BulkString(b) => mirror.invalidate(&b),
+                        Value::SimpleString(s) => mirror.invalidate(s.as_bytes()),
+                        // Not a key we can name: assume anything changed.
+                        _ => mirror.flush(),
+                    }
+                }
+            }
+            // A null invalidation: FLUSHALL / FLUSHDB, or keys Redis did not list.
+            _ => mirror.flush(),
+        },
+        PushKind::Disconnection => {
+            mirror.lost();
+            gone.notify_one();
+        }
+        _ => {}
     }
 }
