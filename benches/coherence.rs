@@ -7,6 +7,12 @@
 //! - login: B accepts a token from its tier; a new token is written straight into Redis (as a
 //!   legacy login would, telling cachegate nothing); how long until B refuses the old one.
 //!
+//! - faults: `COHERENCE_STEPS` random steps (default 10,000): writes through A, reads and
+//!   logins checked on B, `CLIENT KILL TYPE normal`, `FLUSHALL` and Redis restarts. After a
+//!   write (or a login) B is asked once it has heard of it (an announcement, a lost tracking
+//!   connection or a new acknowledgement, read off its metrics): from then on it must never
+//!   answer the old version or accept the old token.
+//!
 //! Printed: p50, p99 and max over the trials, and the stale answers. `cargo bench --bench
 //! coherence`; `COHERENCE_TRIALS` (default 1000). Needs `redis-server` on PATH.
 
@@ -89,7 +95,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let redis = Redis::start().await;
+    let mut redis = Redis::start().await;
     let version = Arc::new(AtomicU64::new(0));
     let v = version.clone();
     let origin = Origin::start(handler(move |s, _| {
@@ -165,4 +171,159 @@ async fn main() {
         }
     }
     report("login", micros, stale);
+
+    let steps: usize = std::env::var("COHERENCE_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    faults(&c, &mut redis, &a, &b, &version, steps).await;
+}
+
+/// What B has heard from Redis: announcements, losses and acknowledgements of tracking.
+async fn heard(c: &Http, b: &Daemon) -> f64 {
+    let text = send(c, "GET", &b.admin, "/metrics", None).await.body;
+    [
+        "cachegate_invalidations_total",
+        "cachegate_tracking_losses_total",
+        "cachegate_tracking_acks_total",
+    ]
+    .iter()
+    .map(|name| metric(&text, name))
+    .sum()
+}
+
+/// Wait until B has heard something since `before` (at most 10 s).
+async fn until_heard(c: &Http, b: &Daemon, before: f64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if heard(c, b).await > before {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    false
+}
+
+/// Wait until B's own writes (a fill creating generations) have been announced back.
+async fn settle(c: &Http, b: &Daemon) {
+    let mut last = heard(c, b).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = heard(c, b).await;
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+async fn faults(
+    c: &Http,
+    redis: &mut Redis,
+    a: &Daemon,
+    b: &Daemon,
+    version: &AtomicU64,
+    steps: usize,
+) {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let token = |n: usize| {
+        hs256(
+            SECRET,
+            &serde_json::json!({"sub": "u", "exp": 4_000_000_000u64, "jti": format!("f{n}")}),
+        )
+    };
+    let mut current = token(0);
+    let _: () = redis.cmd(&["SET", "user_token:u", &current]).await;
+    let (mut stale, mut superseded, mut unheard, mut queued) = (0usize, 0usize, 0usize, 0usize);
+    let (mut writes, mut reads, mut logins, mut kills, mut flushes, mut restarts) =
+        (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut known = version.load(Ordering::SeqCst);
+    let started = Instant::now();
+    for step in 0..steps {
+        match next() % 1000 {
+            0..=449 => {
+                writes += 1;
+                let before = heard(c, b).await;
+                let put = send(c, "PUT", &a.addr, "/item/1", None).await;
+                if put.status != 200 {
+                    continue;
+                }
+                known = version.load(Ordering::SeqCst);
+                if put.cache_status.contains("purge-queued") {
+                    // A could not reach Redis (its connections were just killed): the purge
+                    // lands when A's queue is flushed, and until then every instance may
+                    // still serve the old version, by design. Wait for the queue.
+                    queued += 1;
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let m = send(c, "GET", &a.admin, "/metrics", None).await.body;
+                        if metric(&m, "cachegate_purge_queue_depth") == 0.0 {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "a queued purge never landed");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                if !until_heard(c, b, before).await {
+                    unheard += 1;
+                }
+                let got = send(c, "GET", &b.addr, "/item/1", None).await;
+                if got.status == 200 && got.body.parse::<u64>().unwrap_or(0) < known {
+                    stale += 1;
+                }
+            }
+            450..=749 => {
+                reads += 1;
+                let got = send(c, "GET", &b.addr, "/item/1", None).await;
+                if got.status == 200 && got.body.parse::<u64>().unwrap_or(0) < known {
+                    stale += 1;
+                }
+            }
+            750..=969 => {
+                logins += 1;
+                let old = format!("Bearer {current}");
+                send(c, "GET", &b.addr, "/me/1", Some(&old)).await;
+                current = token(step + 1);
+                let before = heard(c, b).await;
+                let _: () = redis.cmd(&["SET", "user_token:u", &current]).await;
+                if !until_heard(c, b, before).await {
+                    unheard += 1;
+                }
+                if send(c, "GET", &b.addr, "/me/1", Some(&old)).await.status == 200 {
+                    superseded += 1;
+                }
+            }
+            970..=984 => {
+                kills += 1;
+                let _: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "normal"]).await;
+            }
+            985..=996 => {
+                flushes += 1;
+                let _: () = redis.cmd(&["FLUSHALL"]).await;
+                let _: () = redis.cmd(&["SET", "user_token:u", &current]).await;
+                send(c, "GET", &b.addr, "/item/1", None).await;
+                settle(c, b).await;
+            }
+            _ => {
+                restarts += 1;
+                redis.restart().await;
+                let _: () = redis.cmd(&["SET", "user_token:u", &current]).await;
+                send(c, "GET", &b.addr, "/item/1", None).await;
+                settle(c, b).await;
+            }
+        }
+    }
+    println!(
+        "  faults   steps {steps}: {writes} writes, {reads} reads, {logins} logins, {kills} CLIENT KILLs, \
+         {flushes} FLUSHALLs, {restarts} restarts in {:.0} s: stale answers {stale}, superseded \
+         tokens accepted {superseded}, writes B never heard of {unheard}; {queued} writes found \
+         Redis unreachable and queued their purge",
+        started.elapsed().as_secs_f64()
+    );
 }

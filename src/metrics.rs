@@ -108,6 +108,8 @@ pub struct Metrics {
     pub invalidations: IntCounter,
     /// Times the acknowledged tracking connection was lost.
     pub tracking_losses: IntCounter,
+    /// Times tracking was acknowledged (the coherence table then starts empty).
+    pub tracking_acks: IntCounter,
     refreshes: Counters<RefreshResult>,
     reloads: Counters<ReloadResult>,
     /// When the configuration was last loaded successfully (start or reload).
@@ -314,6 +316,11 @@ impl Metrics {
                 &registry,
                 "cachegate_tracking_losses_total",
                 "Times the Redis tracking connection was lost after it had been acknowledged (the in-process tier then waits for it).",
+            ),
+            tracking_acks: counter(
+                &registry,
+                "cachegate_tracking_acks_total",
+                "Times the Redis tracking connection was subscribed and acknowledged (the coherence table then starts empty).",
             ),
             refreshes: Counters::new(&refreshes, &[]),
             reloads: Counters::new(&reloads, &[]),

@@ -52,6 +52,7 @@ pub struct Mirror {
     per_shard: usize,
     invalidations: AtomicU64,
     losses: AtomicU64,
+    acks: AtomicU64,
 }
 
 /// Lock a shard; a poisoned lock only means another thread panicked mid-update of a map
@@ -80,6 +81,7 @@ impl Mirror {
             per_shard: (max_keys / SHARDS).max(64),
             invalidations: AtomicU64::new(0),
             losses: AtomicU64::new(0),
+            acks: AtomicU64::new(0),
         }
     }
 
@@ -189,6 +191,12 @@ impl Mirror {
         self.clear();
         self.lost_at_ms.store(0, Ordering::Release);
         self.connected.store(true, Ordering::Release);
+        self.acks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Times tracking was acknowledged (and the table started empty), since start.
+    pub fn acks(&self) -> u64 {
+        self.acks.load(Ordering::Relaxed)
     }
 
     /// Times an acknowledged tracking connection was lost, since start.

@@ -275,6 +275,9 @@ impl Cache {
             let n = mirror.losses();
             m.tracking_losses
                 .inc_by(n.saturating_sub(m.tracking_losses.get()));
+            let n = mirror.acks();
+            m.tracking_acks
+                .inc_by(n.saturating_sub(m.tracking_acks.get()));
         }
         if let Some((bytes, items)) = self.store.stats() {
             // The embedded store's entries are the tier's.
