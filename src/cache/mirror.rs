@@ -27,11 +27,20 @@ use bytes::Bytes;
 
 const SHARDS: usize = 64;
 
-/// A value read under a small key (`None` is never recorded: an absent key is asked again).
-type Values = HashMap<Box<[u8]>, Bytes>;
+/// A value read under a small key (`None` is never recorded: an absent key is asked again),
+/// and until when it may be vouched for (ms since the Unix epoch; `u64::MAX`: while no
+/// announcement says otherwise).
+type Values = HashMap<Box<[u8]>, (Bytes, u64)>;
 
 struct Shard {
     map: Values,
+    /// Bytes held, as weighed by `weigh`.
+    bytes: usize,
+}
+
+/// What a recorded key costs: its bytes and its value's, plus the map slot and allocations.
+fn weigh(key: &[u8], value: &Bytes) -> usize {
+    key.len() + value.len() + 96
 }
 
 /// What a reader noted before its read: record only if nothing was invalidated since.
@@ -48,7 +57,7 @@ pub struct Mirror {
     /// When coherence was lost (ms since the Unix epoch); 0 while connected.
     lost_at_ms: AtomicU64,
     serve_disconnected_ms: AtomicU64,
-    /// Keys a shard may hold before it is emptied (a bound on memory, not a cache policy).
+    /// Bytes a shard may hold before it is emptied (a bound on memory, not a cache policy).
     per_shard: usize,
     invalidations: AtomicU64,
     losses: AtomicU64,
@@ -62,14 +71,16 @@ fn lock(m: &Mutex<Shard>) -> std::sync::MutexGuard<'_, Shard> {
 }
 
 impl Mirror {
-    /// `max_keys`: how many small keys the table holds at most; `serve_disconnected`: how
-    /// long recorded values may still be used after coherence is lost.
-    pub fn new(max_keys: usize, serve_disconnected: Duration) -> Mirror {
+    /// `max_bytes`: how much the table holds at most (keys and values weighed with their
+    /// overhead); `serve_disconnected`: how long recorded values may still be used after
+    /// coherence is lost.
+    pub fn new(max_bytes: usize, serve_disconnected: Duration) -> Mirror {
         Mirror {
             shards: (0..SHARDS)
                 .map(|_| {
                     Mutex::new(Shard {
                         map: HashMap::new(),
+                        bytes: 0,
                     })
                 })
                 .collect(),
@@ -78,7 +89,7 @@ impl Mirror {
             connected: AtomicBool::new(false),
             lost_at_ms: AtomicU64::new(0),
             serve_disconnected_ms: AtomicU64::new(serve_disconnected.as_millis() as u64),
-            per_shard: (max_keys / SHARDS).max(64),
+            per_shard: max_bytes / SHARDS,
             invalidations: AtomicU64::new(0),
             losses: AtomicU64::new(0),
             acks: AtomicU64::new(0),
@@ -124,30 +135,44 @@ impl Mirror {
         if !self.usable() {
             return false;
         }
+        let now = crate::clock::now_ms();
         for key in keys {
             match lock(self.shard(key)).map.get(key) {
-                Some(v) => out.push(v.clone()),
-                None => return false,
+                Some((v, until)) if now < *until => out.push(v.clone()),
+                _ => return false,
             }
         }
         true
     }
 
-    /// Record values read under a ticket: only while connected, and only if nothing was
-    /// invalidated since the ticket was taken.
-    pub fn record<'a>(&self, ticket: Ticket, items: impl Iterator<Item = (&'a [u8], &'a Bytes)>) {
+    /// Record values read under a ticket, each vouched for until its deadline (ms since
+    /// the Unix epoch): only while connected, and only if nothing was invalidated since the
+    /// ticket was taken.
+    pub fn record<'a>(
+        &self,
+        ticket: Ticket,
+        items: impl Iterator<Item = (&'a [u8], &'a Bytes, u64)>,
+    ) {
         if !self.connected.load(Ordering::Acquire) {
             return;
         }
-        for (key, value) in items {
+        for (key, value, until) in items {
+            let weight = weigh(key, value);
+            if weight > self.per_shard {
+                continue;
+            }
             let mut shard = lock(self.shard(key));
             if self.version.load(Ordering::Acquire) != ticket.0 {
                 return;
             }
-            if shard.map.len() >= self.per_shard {
+            if shard.bytes + weight > self.per_shard {
                 shard.map.clear();
+                shard.bytes = 0;
             }
-            shard.map.insert(key.into(), value.clone());
+            if let Some((old, _)) = shard.map.insert(key.into(), (value.clone(), until)) {
+                shard.bytes -= weigh(key, &old);
+            }
+            shard.bytes += weight;
         }
     }
 
@@ -155,7 +180,10 @@ impl Mirror {
     pub fn invalidate(&self, key: &[u8]) {
         self.version.fetch_add(1, Ordering::AcqRel);
         self.invalidations.fetch_add(1, Ordering::Relaxed);
-        lock(self.shard(key)).map.remove(key);
+        let mut shard = lock(self.shard(key));
+        if let Some((old, _)) = shard.map.remove(key) {
+            shard.bytes -= weigh(key, &old);
+        }
     }
 
     /// Every key may have changed (`FLUSHALL`, a null invalidation).
@@ -167,7 +195,9 @@ impl Mirror {
 
     fn clear(&self) {
         for s in self.shards.iter() {
-            lock(s).map.clear();
+            let mut shard = lock(s);
+            shard.map.clear();
+            shard.bytes = 0;
         }
     }
 
@@ -220,25 +250,36 @@ mod tests {
 
     #[test]
     fn a_read_that_raced_an_invalidation_is_not_recorded() {
-        let m = Mirror::new(1000, Duration::ZERO);
+        let m = Mirror::new(1 << 20, Duration::ZERO);
         m.restored();
         let t = m.ticket();
         // The write lands (and is announced) while the read is on its way.
         m.invalidate(b"g:1");
-        m.record(t, [(&b"g:1"[..], &b("old"))].into_iter());
+        m.record(t, [(&b"g:1"[..], &b("old"), u64::MAX)].into_iter());
         let mut out = Vec::new();
         assert!(!m.get_all([&b"g:1"[..]].into_iter(), &mut out));
         let t = m.ticket();
-        m.record(t, [(&b"g:1"[..], &b("new"))].into_iter());
+        m.record(t, [(&b"g:1"[..], &b("new"), u64::MAX)].into_iter());
         assert!(m.get_all([&b"g:1"[..]].into_iter(), &mut out));
         assert_eq!(out, vec![b("new")]);
     }
 
     #[test]
-    fn nothing_is_used_while_tracking_is_down_unless_allowed() {
-        let m = Mirror::new(1000, Duration::ZERO);
+    fn a_value_past_its_deadline_is_not_vouched_for() {
+        let m = Mirror::new(1 << 20, Duration::ZERO);
+        m.restored();
         let t = m.ticket();
-        m.record(t, [(&b"g:1"[..], &b("v"))].into_iter());
+        let past = crate::clock::now_ms().saturating_sub(1);
+        m.record(t, [(&b"user_token:1"[..], &b("tok"), past)].into_iter());
+        let mut out = Vec::new();
+        assert!(!m.get_all([&b"user_token:1"[..]].into_iter(), &mut out));
+    }
+
+    #[test]
+    fn nothing_is_used_while_tracking_is_down_unless_allowed() {
+        let m = Mirror::new(1 << 20, Duration::ZERO);
+        let t = m.ticket();
+        m.record(t, [(&b"g:1"[..], &b("v"), u64::MAX)].into_iter());
         let mut out = Vec::new();
         assert!(
             !m.get_all([&b"g:1"[..]].into_iter(), &mut out),
@@ -246,7 +287,7 @@ mod tests {
         );
         m.restored();
         let t = m.ticket();
-        m.record(t, [(&b"g:1"[..], &b("v"))].into_iter());
+        m.record(t, [(&b"g:1"[..], &b("v"), u64::MAX)].into_iter());
         assert!(m.get_all([&b"g:1"[..]].into_iter(), &mut out));
         m.lost();
         assert!(!m.get_all([&b"g:1"[..]].into_iter(), &mut out));
@@ -256,10 +297,10 @@ mod tests {
             "emptied on re-acknowledge"
         );
 
-        let m = Mirror::new(1000, Duration::from_secs(60));
+        let m = Mirror::new(1 << 20, Duration::from_secs(60));
         m.restored();
         let t = m.ticket();
-        m.record(t, [(&b"g:1"[..], &b("v"))].into_iter());
+        m.record(t, [(&b"g:1"[..], &b("v"), u64::MAX)].into_iter());
         m.lost();
         assert!(
             m.get_all([&b"g:1"[..]].into_iter(), &mut out),

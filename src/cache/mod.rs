@@ -102,6 +102,7 @@ pub struct Cache {
     /// When this instance last extended each generation key (ms), so that fills do not
     /// touch a shared tag (and announce a change of it to every instance) on every store.
     touched: Mutex<HashMap<Id, u64>>,
+    observing: Mutex<()>,
     metrics: Arc<Metrics>,
 }
 
@@ -146,6 +147,7 @@ impl Cache {
             mirror: OnceLock::new(),
             session_prefix: OnceLock::new(),
             touched: Mutex::new(HashMap::new()),
+            observing: Mutex::new(()),
             metrics,
         };
         cache.set_limits(gen_ttl, max_object_size);
@@ -229,10 +231,9 @@ impl Cache {
             prefixes.push(sp.to_vec());
             let _ = self.session_prefix.set(sp.to_vec());
         }
-        // The table gets the eighth of `l1_max_bytes` the tier leaves (about 192 bytes a
-        // key with its value and map slot), and uses about half of it between clears.
-        let max_keys = (self.l1_budget() / 7 / 192).max(4096) as usize;
-        let mirror = Arc::new(Mirror::new(max_keys, serve_disconnected));
+        // The table gets the eighth of `l1_max_bytes` the tier leaves.
+        let table_bytes = (self.l1_budget() / 7) as usize;
+        let mirror = Arc::new(Mirror::new(table_bytes, serve_disconnected));
         if self.mirror.set(mirror.clone()).is_ok() {
             self.store.track(mirror, prefixes);
         }
@@ -257,6 +258,8 @@ impl Cache {
 
     /// Update the gauges and counters read off the tiers (at scrape time).
     pub fn observe(&self) {
+        // One scrape at a time: counters follow their sources by adding the difference.
+        let _one = self.observing.lock().unwrap_or_else(|p| p.into_inner());
         let m = &self.metrics;
         let mut held = (0, 0);
         if let Some(l1) = &self.l1 {
@@ -377,18 +380,25 @@ impl Cache {
         ticket: Option<mirror::Ticket>,
         gen_keys: &[GenKey],
         gens: &[Option<Bytes>],
-        session: Option<(&SessionKey, &Option<Bytes>)>,
+        session: Option<(&SessionKey, &Option<Bytes>, Option<Duration>)>,
     ) {
         let (Some(mirror), Some(ticket)) = (self.mirror.get(), ticket) else {
             return;
         };
+        // Redis announces an expiry only when it deletes the key (when something touches
+        // it, or its sweep gets there): a session is vouched for until its own expiry only.
+        let now = crate::clock::now_ms();
         let session = session
-            .filter(|(k, _)| self.session_tracked(k))
-            .and_then(|(k, v)| Some((k.0.as_bytes(), v.as_ref()?)));
+            .filter(|(k, _, _)| self.session_tracked(k))
+            .and_then(|(k, v, ttl)| {
+                let until = ttl.map_or(u64::MAX, |d| now.saturating_add(d.as_millis() as u64));
+                Some((k.0.as_bytes(), v.as_ref()?, until))
+            });
+        // Generations outlive every entry recorded with them (`to_touch`).
         let gens = gen_keys
             .iter()
             .zip(gens)
-            .filter_map(|(k, v)| Some((&k.0[..], v.as_ref()?)));
+            .filter_map(|(k, v)| Some((&k.0[..], v.as_ref()?, u64::MAX)));
         mirror.record(ticket, session.into_iter().chain(gens));
     }
 
@@ -467,7 +477,7 @@ impl Cache {
             ticket,
             gen_keys,
             &read.gens,
-            session.map(|s| (s, &read.session)),
+            session.map(|s| (s, &read.session, read.session_ttl)),
         );
         let gens = read.gens.iter().map(parse_gen).collect();
         Ok((read, gens))

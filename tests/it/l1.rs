@@ -29,7 +29,7 @@ async fn reads(redis: &Redis) -> u64 {
         .sum()
 }
 
-async fn tracking(proxy: &Proxy) {
+pub(crate) async fn tracking(proxy: &Proxy) {
     eventually(
         Duration::from_secs(10),
         "tracking is acknowledged",
@@ -90,14 +90,14 @@ async fn a_warm_hit_sends_no_read_to_redis() {
 }
 
 /// Invalidations this instance has been told of by Redis (and by its own writes).
-async fn told(proxy: &Proxy) -> f64 {
+pub(crate) async fn told(proxy: &Proxy) -> f64 {
     metric(&proxy.metrics().await, "cachegate_invalidations_total")
 }
 
 /// Wait until Redis's announcement of a write has reached `proxy`: the moment from which it
 /// must not serve what the write made stale (the delay is the coherence window, measured by
 /// `cargo bench --bench coherence`).
-async fn until_told(proxy: &Proxy, before: f64) {
+pub(crate) async fn until_told(proxy: &Proxy, before: f64) {
     eventually(
         Duration::from_secs(5),
         "the invalidation arrives",
@@ -106,9 +106,10 @@ async fn until_told(proxy: &Proxy, before: f64) {
     .await;
 }
 
-/// The first fill of `/plain/1` through `proxy` creates and extends the resource's two
-/// generations: wait until those four announcements have come back to it.
-async fn settled(proxy: &Proxy) {
+/// The first fill of `/plain/1` through `proxy` (made once its tracking was acknowledged)
+/// creates and extends the resource's two generations: wait until those four announcements
+/// have come back to it.
+pub(crate) async fn settled(proxy: &Proxy) {
     proxy.stored(1).await;
     eventually(
         Duration::from_secs(5),
@@ -266,4 +267,25 @@ async fn with_redis_gone_requests_are_answered_and_the_tier_waits_for_tracking()
         got.header("cache-status")
     );
     assert_eq!(origin.total(), before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_is_refused_though_redis_never_announced_it() {
+    let redis = Redis::start().await;
+    let (origin, _) = versioned().await;
+    let proxy = proxy_on(&redis, &origin).await;
+    tracking(&proxy).await;
+    let t = token("8");
+    let _: () = redis.cmd(&["SET", "user_token:8", &t, "PX", "800"]).await;
+    let auth = format!("Bearer {t}");
+    let h = [("authorization", auth.as_str())];
+    warm(&proxy, "/user/8", &h).await;
+    // Nothing touches the key, so Redis deletes (and announces) it only when its sweep gets
+    // there; the tier must not vouch for it past its expiry.
+    eventually(
+        Duration::from_secs(5),
+        "the expired session is refused",
+        || async { proxy.get_with("/user/8", &h).await.status == 401 },
+    )
+    .await;
 }

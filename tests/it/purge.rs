@@ -277,13 +277,20 @@ async fn a_write_through_one_instance_is_a_miss_on_the_other() {
     let (origin, _) = versioned().await;
     let a = proxy_on(&redis, &origin).await;
     let b = proxy_on(&redis, &origin).await;
+    // B hears Redis's announcements from its first fill on.
+    crate::l1::tracking(&b).await;
     let host = [("host", "api.example.com")];
     assert_eq!(b.get_with("/plain/1", &host).await.x_cache(), "MISS");
     eventually(Duration::from_secs(5), "B's fill is in Redis", || async {
         b.get_with("/plain/1", &host).await.x_cache() == "HIT"
     })
     .await;
+    // B holds the entry in its in-process tier: it stops serving it once Redis's
+    // announcement of A's purge has reached it.
+    crate::l1::settled(&b).await;
+    let before = crate::l1::told(&b).await;
     assert_eq!(a.send("PUT", "/plain/1", &host, "{}").await.status, 200);
+    crate::l1::until_told(&b, before).await;
     let after = b.get_with("/plain/1", &host).await;
     assert_eq!((after.x_cache(), v_of(&after)), ("MISS", 1));
 }

@@ -180,12 +180,14 @@ impl Store for MemoryStore {
         session: Option<&'a SessionKey>,
         gens: &'a [GenKey],
     ) -> BoxFut<'a, Result<Small, StoreError>> {
-        ready(Ok((
-            session.and_then(|k| self.small.read(k.0.as_bytes(), SMALL_LIMIT)),
-            gens.iter()
+        ready(Ok(Small {
+            session: session.and_then(|k| self.small.read(k.0.as_bytes(), SMALL_LIMIT)),
+            session_ttl: None,
+            gens: gens
+                .iter()
                 .map(|k| self.generations.read(&k.0, SMALL_LIMIT))
                 .collect(),
-        )))
+        }))
     }
 
     fn put<'a>(
@@ -337,8 +339,8 @@ mod tests {
     async fn operations_behave_like_redis() {
         let s = MemoryStore::new(1 << 20);
         let g = GenKey(b"p:g:1".to_vec());
-        let (_, gens) = s.read_small(None, std::slice::from_ref(&g)).await.unwrap();
-        assert_eq!(gens, vec![None]);
+        let small = s.read_small(None, std::slice::from_ref(&g)).await.unwrap();
+        assert_eq!(small.gens, vec![None]);
         let got = s
             .init_gens(
                 vec![(g.clone(), Bytes::from_static(b"7"))],

@@ -66,12 +66,20 @@ pub struct Read {
     pub entry: Result<Option<Bytes>, StoreError>,
     /// The session value, when one was asked for.
     pub session: Option<Bytes>,
+    /// How long the session key lives on (`None`: no expiry, or not known).
+    pub session_ttl: Option<Duration>,
     /// The generations, in the order asked.
     pub gens: Vec<Option<Bytes>>,
 }
 
 /// What a read of small keys found: the session (if asked) and generations, in order.
-pub type Small = (Option<Bytes>, Vec<Option<Bytes>>);
+#[derive(Debug, Default)]
+pub struct Small {
+    pub session: Option<Bytes>,
+    /// How long the session key lives on (`None`: no expiry, or not known).
+    pub session_ttl: Option<Duration>,
+    pub gens: Vec<Option<Bytes>>,
+}
 
 /// The typed operations of a store. Each is one round trip to the backend (per
 /// connection); values are read bounded (entries at the given limit, small keys at
@@ -311,7 +319,7 @@ impl Guarded {
         // Both reads run at once; each is timed and guarded like any call.
         let small = async {
             if session.is_none() && gens.is_empty() {
-                return Ok((None, Vec::new()));
+                return Ok(Small::default());
             }
             let op = if entry.is_none() && gens.is_empty() {
                 StoreOp::Session
@@ -330,11 +338,12 @@ impl Guarded {
             }
         };
         let (small, entry) = tokio::join!(small, entry);
-        let (session, gens) = small?;
+        let small = small?;
         Ok(Read {
             entry,
-            session,
-            gens,
+            session: small.session,
+            session_ttl: small.session_ttl,
+            gens: small.gens,
         })
     }
 

@@ -28,6 +28,22 @@ use super::{BoxFut, SMALL_LIMIT, Small, Store, StoreError};
 use crate::cache::key::{EntryKey, GenKey, LeaseKey, SessionKey};
 use crate::cache::mirror::Mirror;
 
+/// Drops its keys from the coherence table when dropped (see `RedisStore::writing`).
+struct Writing<'k> {
+    store: &'k RedisStore,
+    keys: Vec<&'k [u8]>,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = self.store.mirror.get() {
+            for k in &self.keys {
+                m.invalidate(k);
+            }
+        }
+    }
+}
+
 /// A Redis-backed store.
 pub struct RedisStore {
     client: Client,
@@ -131,15 +147,12 @@ impl RedisStore {
         run_on(&self.pair().small, pipe).await
     }
 
-    /// A write of small keys this instance made has landed: drop them from the coherence
-    /// table now, without waiting for Redis to announce it (so this instance's next read
-    /// after the write never uses the old value).
-    fn wrote<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
-        if let Some(m) = self.mirror.get() {
-            for k in keys {
-                m.invalidate(k);
-            }
-        }
+    /// A write of small keys this instance is making: when it ends (it landed, failed, or
+    /// was given up on and may still land) its keys are dropped from the coherence table
+    /// at once, without waiting for Redis to announce it, so this instance's next read
+    /// after the write never uses the old value.
+    fn writing<'k>(&'k self, keys: Vec<&'k [u8]>) -> Writing<'k> {
+        Writing { store: self, keys }
     }
 
     /// Give generations new values (`pipe`), or delete them (`del`) when Redis refuses
@@ -261,11 +274,13 @@ impl Store for RedisStore {
         pipe.ignore_errors();
         if let Some(s) = session {
             bounded_get(&mut pipe, s.0.as_bytes(), SMALL_LIMIT);
+            // Its remaining life: the coherence table vouches for it no longer than that.
+            pipe.cmd("PTTL").arg(s.0.as_bytes());
         }
         for g in gens {
             bounded_get(&mut pipe, &g.0, SMALL_LIMIT);
         }
-        let count = usize::from(session.is_some()) + gens.len();
+        let count = 2 * usize::from(session.is_some()) + gens.len();
         Box::pin(async move {
             let values = run_on(&self.pair().small, pipe).await?;
             if values.len() != count {
@@ -275,12 +290,25 @@ impl Store for RedisStore {
                 )));
             }
             let mut values = values.into_iter();
-            let session = match session {
-                Some(_) => values.next().map(bytes_of).transpose()?.flatten(),
-                None => None,
+            let (session, session_ttl) = match session {
+                Some(_) => {
+                    let value = values.next().map(bytes_of).transpose()?.flatten();
+                    let ttl = match values.next() {
+                        Some(Value::Int(-1)) => None,
+                        Some(Value::Int(n)) if n >= 0 => Some(Duration::from_millis(n as u64)),
+                        // Absent, or not known: vouched for no time at all.
+                        _ => Some(Duration::ZERO),
+                    };
+                    (value, ttl)
+                }
+                None => (None, None),
             };
             let gens = values.map(bytes_of).collect::<Result<Vec<_>, _>>()?;
-            Ok((session, gens))
+            Ok(Small {
+                session,
+                session_ttl,
+                gens,
+            })
         })
     }
 
@@ -349,9 +377,8 @@ impl Store for RedisStore {
                 .ignore();
         }
         Box::pin(async move {
-            let r = self.run(pipe).await.map(|_| ());
-            self.wrote(items.iter().map(|(k, _)| &k.0[..]));
-            r
+            let _writing = self.writing(items.iter().map(|(k, _)| &k.0[..]).collect());
+            self.run(pipe).await.map(|_| ())
         })
     }
 
@@ -374,10 +401,8 @@ impl Store for RedisStore {
             del.cmd("DEL").arg(&k.0).ignore();
         }
         Box::pin(async move {
-            let r = self.bump(pipe, del).await;
-            // Also after a failure: the write may have landed.
-            self.wrote(items.iter().map(|(k, _)| &k.0[..]));
-            r
+            let _writing = self.writing(items.iter().map(|(k, _)| &k.0[..]).collect());
+            self.bump(pipe, del).await
         })
     }
 
@@ -394,9 +419,8 @@ impl Store for RedisStore {
         }
         cmd.ignore();
         Box::pin(async move {
-            let r = self.run(pipe).await.map(|_| ());
-            self.wrote(std::iter::once(key.0.as_bytes()));
-            r
+            let _writing = self.writing(vec![key.0.as_bytes()]);
+            self.run(pipe).await.map(|_| ())
         })
     }
 
@@ -407,9 +431,8 @@ impl Store for RedisStore {
     ) -> BoxFut<'a, Result<bool, StoreError>> {
         let pipe = del_if_equals(key.0.as_bytes(), &token);
         Box::pin(async move {
-            let r = self.one(pipe).await;
-            self.wrote(std::iter::once(key.0.as_bytes()));
-            Ok(done(&r?))
+            let _writing = self.writing(vec![key.0.as_bytes()]);
+            Ok(done(&self.one(pipe).await?))
         })
     }
 
@@ -417,9 +440,8 @@ impl Store for RedisStore {
         let mut pipe = redis::pipe();
         pipe.cmd("DEL").arg(key.0.as_bytes());
         Box::pin(async move {
-            let r = self.one(pipe).await;
-            self.wrote(std::iter::once(key.0.as_bytes()));
-            Ok(done(&r?))
+            let _writing = self.writing(vec![key.0.as_bytes()]);
+            Ok(done(&self.one(pipe).await?))
         })
     }
 
