@@ -76,6 +76,33 @@ async fn warm(c: &Http, addr: &str, path: &str, auth: Option<&str>) -> Got {
     panic!("no in-process hit for {path}");
 }
 
+/// A token of user `u`, told apart by `jti`.
+fn token(jti: &str) -> String {
+    hs256(
+        SECRET,
+        &serde_json::json!({"sub": "u", "exp": 4_000_000_000u64, "jti": jti}),
+    )
+}
+
+/// Ask `changed` in a closed loop until it holds (at most 10 s): microseconds taken, and how
+/// many answers came before it held.
+async fn until<F, Fut>(mut changed: F) -> (u64, usize)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let written = Instant::now();
+    let mut before = 0;
+    while !changed().await {
+        before += 1;
+        assert!(
+            written.elapsed() < Duration::from_secs(10),
+            "B never saw the change"
+        );
+    }
+    (written.elapsed().as_micros() as u64, before)
+}
+
 fn report(what: &str, mut micros: Vec<u64>, stale: usize) {
     micros.sort_unstable();
     let at = |q: f64| micros[((micros.len() as f64 - 1.0) * q).round() as usize];
@@ -125,50 +152,27 @@ async fn main() {
         let before = warm(&c, &b.addr, "/item/1", None).await.body;
         let put = send(&c, "PUT", &a.addr, "/item/1", None).await;
         assert_eq!(put.status, 200);
-        let written = Instant::now();
-        loop {
-            let got = send(&c, "GET", &b.addr, "/item/1", None).await;
-            if got.body != before {
-                micros.push(written.elapsed().as_micros() as u64);
-                break;
-            }
-            stale += 1;
-            assert!(
-                written.elapsed() < Duration::from_secs(10),
-                "B never saw the write"
-            );
-        }
+        let (us, old) =
+            until(|| async { send(&c, "GET", &b.addr, "/item/1", None).await.body != before })
+                .await;
+        micros.push(us);
+        stale += old;
     }
     report("purge", micros, stale);
 
     let mut micros = Vec::with_capacity(trials);
     let mut stale = 0;
     for i in 0..trials {
-        let old = hs256(
-            SECRET,
-            &serde_json::json!({"sub": "u", "exp": 4_000_000_000u64, "jti": format!("{i}a")}),
-        );
-        let new = hs256(
-            SECRET,
-            &serde_json::json!({"sub": "u", "exp": 4_000_000_000u64, "jti": format!("{i}b")}),
-        );
+        let (old, new) = (token(&format!("{i}a")), token(&format!("{i}b")));
         let _: () = redis.cmd(&["SET", "user_token:u", &old]).await;
         let old_h = format!("Bearer {old}");
         warm(&c, &b.addr, "/me/1", Some(&old_h)).await;
         let _: () = redis.cmd(&["SET", "user_token:u", &new]).await;
-        let written = Instant::now();
-        loop {
-            let got = send(&c, "GET", &b.addr, "/me/1", Some(&old_h)).await;
-            if got.status == 401 {
-                micros.push(written.elapsed().as_micros() as u64);
-                break;
-            }
-            stale += 1;
-            assert!(
-                written.elapsed() < Duration::from_secs(10),
-                "B never saw the login"
-            );
-        }
+        let (us, old) =
+            until(|| async { send(&c, "GET", &b.addr, "/me/1", Some(&old_h)).await.status == 401 })
+                .await;
+        micros.push(us);
+        stale += old;
     }
     report("login", micros, stale);
 
@@ -232,13 +236,7 @@ async fn faults(
         seed ^= seed << 17;
         seed
     };
-    let token = |n: usize| {
-        hs256(
-            SECRET,
-            &serde_json::json!({"sub": "u", "exp": 4_000_000_000u64, "jti": format!("f{n}")}),
-        )
-    };
-    let mut current = token(0);
+    let mut current = token("f0");
     let _: () = redis.cmd(&["SET", "user_token:u", &current]).await;
     let (mut stale, mut superseded, mut unheard, mut queued) = (0usize, 0usize, 0usize, 0usize);
     let (mut writes, mut reads, mut logins, mut kills, mut flushes, mut restarts) =
@@ -289,7 +287,7 @@ async fn faults(
                 logins += 1;
                 let old = format!("Bearer {current}");
                 send(c, "GET", &b.addr, "/me/1", Some(&old)).await;
-                current = token(step + 1);
+                current = token(&format!("f{}", step + 1));
                 let before = heard(c, b).await;
                 let _: () = redis.cmd(&["SET", "user_token:u", &current]).await;
                 if !until_heard(c, b, before).await {

@@ -130,9 +130,10 @@ impl App {
     /// As `new`, with the environment lookup a reload uses.
     pub fn with_env(config: Config, path: Option<PathBuf>, env: Env) -> Result<Arc<App>, AppError> {
         let metrics = Arc::new(Metrics::new());
-        // Of `l1_max_bytes`, an eighth is left for the coherence table (`Cache::track`).
+        // Of `l1_max_bytes`, an eighth is the coherence table's (`Cache::track`).
+        let table_bytes = config.cache.l1_max_bytes / 8;
         let mut l1 = (config.cache.l1_max_bytes > 0)
-            .then(|| L1::new(config.cache.l1_max_bytes - config.cache.l1_max_bytes / 8));
+            .then(|| L1::new(config.cache.l1_max_bytes - table_bytes));
         let store: Arc<dyn Store> = match &config.store.backend {
             StoreBackend::Memory { max_bytes } => {
                 // The embedded store keeps the small keys; its entries are the tier's.
@@ -157,6 +158,7 @@ impl App {
         cache.track(
             live.config.cache.l1_serve_disconnected,
             live.config.auth.gate.template.static_prefix(),
+            table_bytes as usize,
         );
         let purger = Arc::new(Purger::new(cache.clone(), metrics.clone(), PURGE_QUEUE));
         if live.config.auth.weak_secret {

@@ -64,7 +64,6 @@ fn weigh(_k: &Id, v: &Slot) -> u32 {
 pub struct L1 {
     map: Cache<Id, Slot>,
     evictions: Arc<AtomicU64>,
-    max_bytes: u64,
 }
 
 impl L1 {
@@ -82,16 +81,7 @@ impl L1 {
                 }
             })
             .build();
-        L1 {
-            map,
-            evictions,
-            max_bytes,
-        }
-    }
-
-    /// The bound it was made with.
-    pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        L1 { map, evictions }
     }
 
     /// The entry under `id`, while its last window lasts.

@@ -196,27 +196,22 @@ impl Cache {
     /// The in-process tier holds a fresh entry under `id` (a fill finished since a lookup
     /// began: look up again rather than fetch again).
     pub fn holds(&self, id: &Id) -> bool {
-        self.l1
-            .as_ref()
-            .and_then(|l| l.get(id))
-            .is_some_and(|e| crate::clock::now_ms() < e.fresh_until_ms)
+        self.fresh_copy(id).is_some()
     }
 
     /// A compact copy of a fill's entry: its body and header values are slices of the
     /// upstream connection's read buffers, which anything holding them would pin (many
     /// times their size); the copy shares one exact buffer.
-    pub fn compact(entry: Entry) -> Entry {
-        match Entry::decode(entry.encode(), &entry.key) {
-            Ok(c) => c,
-            Err(_) => entry,
-        }
+    pub fn compact(entry: &Entry) -> Entry {
+        Entry::decode(entry.encode(), &entry.key).unwrap_or_else(|_| entry.clone())
     }
 
     /// Over a remote store: start keeping the coherence table of its small keys (tag
     /// generations; sessions too when `session_prefix`, the static start of the session
-    /// key template, names keys of their own). Until tracking is acknowledged the in-process
-    /// tier is not used without asking the store. Nothing to do for the embedded store.
-    pub fn track(&self, serve_disconnected: Duration, session_prefix: &str) {
+    /// key template, names keys of their own), within `table_bytes`. Until tracking is
+    /// acknowledged the in-process tier is not used without asking the store. Nothing to do
+    /// for the embedded store.
+    pub fn track(&self, serve_disconnected: Duration, session_prefix: &str, table_bytes: usize) {
         if self.l1.is_none() || !self.entries_in_store {
             return;
         }
@@ -231,8 +226,6 @@ impl Cache {
             prefixes.push(sp.to_vec());
             let _ = self.session_prefix.set(sp.to_vec());
         }
-        // The table gets the eighth of `l1_max_bytes` the tier leaves.
-        let table_bytes = (self.l1_budget() / 7) as usize;
         let mirror = Arc::new(Mirror::new(table_bytes, serve_disconnected));
         if self.mirror.set(mirror.clone()).is_ok() {
             self.store.track(mirror, prefixes);
@@ -243,10 +236,6 @@ impl Cache {
         self.session_prefix
             .get()
             .is_some_and(|p| key.0.as_bytes().starts_with(p))
-    }
-
-    fn l1_budget(&self) -> u64 {
-        self.l1.as_ref().map_or(0, |l| l.max_bytes())
     }
 
     /// Follow a reload of `[cache] l1_serve_disconnected`.
@@ -261,26 +250,19 @@ impl Cache {
         // One scrape at a time: counters follow their sources by adding the difference.
         let _one = self.observing.lock().unwrap_or_else(|p| p.into_inner());
         let m = &self.metrics;
+        let follow = |c: &prometheus::IntCounter, n: u64| c.inc_by(n.saturating_sub(c.get()));
         let mut held = (0, 0);
         if let Some(l1) = &self.l1 {
             held = l1.stats();
             m.l1_bytes.set(held.0 as i64);
             m.l1_entries.set(held.1 as i64);
-            let ev = l1.evictions();
-            m.l1_evictions
-                .inc_by(ev.saturating_sub(m.l1_evictions.get()));
+            follow(&m.l1_evictions, l1.evictions());
         }
         if let Some(mirror) = self.mirror.get() {
             m.tracking_state.set(i64::from(mirror.is_connected()));
-            let n = mirror.invalidations();
-            m.invalidations
-                .inc_by(n.saturating_sub(m.invalidations.get()));
-            let n = mirror.losses();
-            m.tracking_losses
-                .inc_by(n.saturating_sub(m.tracking_losses.get()));
-            let n = mirror.acks();
-            m.tracking_acks
-                .inc_by(n.saturating_sub(m.tracking_acks.get()));
+            follow(&m.invalidations, mirror.invalidations());
+            follow(&m.tracking_losses, mirror.losses());
+            follow(&m.tracking_acks, mirror.acks());
         }
         if let Some((bytes, items)) = self.store.stats() {
             // The embedded store's entries are the tier's.
@@ -417,8 +399,7 @@ impl Cache {
     ) -> Result<Lookup, StoreError> {
         let gen_keys: Vec<_> = tags.iter().map(|t| self.keys.generation(t)).collect();
         if !self.entries_in_store {
-            let read = self.store.lookup(None, session, &gen_keys).await?;
-            let gens: Vec<Option<u64>> = read.gens.iter().map(parse_gen).collect();
+            let (read, gens) = self.read(None, session, &gen_keys).await?;
             let found = self.found_local(id, tags, &gens);
             self.count(&found);
             return Ok(Lookup {

@@ -514,13 +514,13 @@ fn publish(
     lease: Option<Lease>,
 ) {
     // Waiters, the lingering flight and the in-process tier share one compact copy.
-    let entry = Arc::new(Cache::compact(entry));
+    let entry = Arc::new(Cache::compact(&entry));
     if let Some(ttl) = ttl {
         // The in-process tier has it before the client sees the end of the body, so this
         // instance's next request for it is a hit whatever the store write is doing.
         app.cache.keep(&entry, ttl);
         if let Some(m) = &marker {
-            app.cache.keep(&Arc::new(Cache::compact(m.clone())), ttl);
+            app.cache.keep(&Arc::new(Cache::compact(m)), ttl);
         }
     }
     leader.complete(entry.clone());

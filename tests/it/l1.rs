@@ -38,6 +38,15 @@ pub(crate) async fn tracking(proxy: &Proxy) {
     .await;
 }
 
+/// Two instances on one Redis, both tracking.
+async fn two(redis: &Redis, origin: &Origin) -> (Proxy, Proxy) {
+    let a = proxy_on(redis, origin).await;
+    let b = proxy_on(redis, origin).await;
+    tracking(&a).await;
+    tracking(&b).await;
+    (a, b)
+}
+
 /// GET until an answer comes from the in-process tier.
 async fn warm(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) {
     eventually(Duration::from_secs(10), "an in-process hit", || async {
@@ -123,10 +132,7 @@ pub(crate) async fn settled(proxy: &Proxy) {
 async fn a_purge_through_one_instance_is_a_miss_on_the_other() {
     let redis = Redis::start().await;
     let (origin, _) = versioned().await;
-    let a = proxy_on(&redis, &origin).await;
-    let b = proxy_on(&redis, &origin).await;
-    tracking(&a).await;
-    tracking(&b).await;
+    let (a, b) = two(&redis, &origin).await;
     warm(&b, "/plain/1", &[]).await;
     settled(&b).await;
     for round in 1..=20u64 {
@@ -148,10 +154,7 @@ async fn a_purge_through_one_instance_is_a_miss_on_the_other() {
 async fn a_login_written_straight_to_redis_refuses_the_old_token_on_both() {
     let redis = Redis::start().await;
     let (origin, _) = versioned().await;
-    let a = proxy_on(&redis, &origin).await;
-    let b = proxy_on(&redis, &origin).await;
-    tracking(&a).await;
-    tracking(&b).await;
+    let (a, b) = two(&redis, &origin).await;
     let old = session(&redis, "5").await;
     let old_h = [("authorization", old.as_str())];
     warm(&a, "/user/5", &old_h).await;
@@ -191,9 +194,7 @@ async fn a_login_written_straight_to_redis_refuses_the_old_token_on_both() {
 async fn a_killed_tracking_connection_serves_nothing_stale_and_the_tier_resumes() {
     let redis = Redis::start().await;
     let (origin, _) = versioned().await;
-    let a = proxy_on(&redis, &origin).await;
-    let b = proxy_on(&redis, &origin).await;
-    tracking(&b).await;
+    let (a, b) = two(&redis, &origin).await;
     warm(&b, "/plain/1", &[]).await;
     // Every client connection goes, B's tracking connection among them.
     let _: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "normal"]).await;

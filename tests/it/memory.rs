@@ -34,15 +34,37 @@ async fn load(addr: &str, prefix: &str, count: usize, concurrency: usize) {
     }
 }
 
+/// An origin answering every path with a body of `size` bytes (the path, padded).
+async fn padded(size: usize) -> Origin {
+    Origin::start(handler(move |s, _| {
+        let mut body = s.path.clone().into_bytes();
+        body.resize(size, b'.');
+        Answer::ok(body)
+    }))
+    .await
+}
+
+/// The daemon's RSS grew by at most 1.2 times `bound` over `baseline`.
+fn within(daemon: &Daemon, baseline: u64, bound: u64, setting: &str) {
+    let grown = daemon.rss().saturating_sub(baseline);
+    eprintln!(
+        "memory bound: baseline {} MiB, grown {} MiB for {setting} {} MiB",
+        baseline >> 20,
+        grown >> 20,
+        bound >> 20
+    );
+    assert!(
+        grown as f64 <= 1.2 * bound as f64,
+        "RSS grew by {} MiB over its baseline for {setting} = {} MiB",
+        grown >> 20,
+        bound >> 20
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_store_stays_within_its_memory_bound() {
     const BODY: usize = 8 << 10;
-    let origin = Origin::start(handler(|s, _| {
-        let mut body = s.path.clone().into_bytes();
-        body.resize(BODY, b'.');
-        Answer::ok(body)
-    }))
-    .await;
+    let origin = padded(BODY).await;
     let max_bytes: u64 = 32 << 20;
     let daemon = Daemon::start(&format!(
         "[upstream]\nurl = \"{}\"\n[store]\nbackend = \"memory\"\nmax_bytes = \"32MiB\"\n\
@@ -57,31 +79,13 @@ async fn the_embedded_store_stays_within_its_memory_bound() {
     // Four times the bound in distinct entries.
     let count = (4 * max_bytes as usize) / BODY;
     load(&daemon.addr, "k", count, 16).await;
-    let grown = daemon.rss().saturating_sub(baseline);
-    eprintln!(
-        "memory bound: baseline {} MiB, grown {} MiB for max_bytes {} MiB",
-        baseline >> 20,
-        grown >> 20,
-        max_bytes >> 20
-    );
-    assert!(
-        grown as f64 <= 1.2 * max_bytes as f64,
-        "RSS grew by {} MiB over its baseline for a {} MiB store",
-        grown >> 20,
-        max_bytes >> 20
-    );
+    within(&daemon, baseline, max_bytes, "max_bytes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tier_over_redis_stays_within_its_memory_bound() {
-    const BODY: usize = 1 << 10;
     let redis = Redis::start().await;
-    let origin = Origin::start(handler(|s, _| {
-        let mut body = s.path.clone().into_bytes();
-        body.resize(BODY, b'.');
-        Answer::ok(body)
-    }))
-    .await;
+    let origin = padded(1 << 10).await;
     let l1_max: u64 = 32 << 20;
     let daemon = Daemon::start(&format!(
         "[upstream]\nurl = \"{}\"\n[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"2s\"\n\
@@ -96,17 +100,5 @@ async fn the_tier_over_redis_stays_within_its_memory_bound() {
     let baseline = daemon.rss();
     // 200k distinct keys: about ten times what the bound holds.
     load(&daemon.addr, "k", 200_000, 32).await;
-    let grown = daemon.rss().saturating_sub(baseline);
-    eprintln!(
-        "tier bound: baseline {} MiB, grown {} MiB for l1_max_bytes {} MiB",
-        baseline >> 20,
-        grown >> 20,
-        l1_max >> 20
-    );
-    assert!(
-        grown as f64 <= 1.2 * l1_max as f64,
-        "RSS grew by {} MiB over its baseline for a {} MiB tier",
-        grown >> 20,
-        l1_max >> 20
-    );
+    within(&daemon, baseline, l1_max, "l1_max_bytes");
 }

@@ -155,24 +155,6 @@ impl RedisStore {
         Writing { store: self, keys }
     }
 
-    /// Give generations new values (`pipe`), or delete them (`del`) when Redis refuses
-    /// writes for lack of memory.
-    async fn bump(&self, pipe: Pipeline, del: Pipeline) -> Result<(), StoreError> {
-        let mut refused = None;
-        for v in self.run(pipe).await? {
-            if let Value::ServerError(e) = v {
-                refused = Some(format!("{} {}", e.code(), e.details().unwrap_or_default()));
-            }
-        }
-        match refused {
-            None => Ok(()),
-            // Redis refuses writes (maxmemory with noeviction, say) but still deletes:
-            // an absent generation matches no entry, so a DEL purges as surely.
-            Some(why) if why.starts_with("OOM") => self.run(del).await.map(|_| ()),
-            Some(why) => Err(StoreError::Refused(why)),
-        }
-    }
-
     /// One command on the small-keys connection, its reply.
     async fn one(&self, pipe: Pipeline) -> Result<Value, StoreError> {
         self.run(pipe)
@@ -402,7 +384,19 @@ impl Store for RedisStore {
         }
         Box::pin(async move {
             let _writing = self.writing(items.iter().map(|(k, _)| &k.0[..]).collect());
-            self.bump(pipe, del).await
+            let mut refused = None;
+            for v in self.run(pipe).await? {
+                if let Value::ServerError(e) = v {
+                    refused = Some(format!("{} {}", e.code(), e.details().unwrap_or_default()));
+                }
+            }
+            match refused {
+                None => Ok(()),
+                // Redis refuses writes (maxmemory with noeviction, say) but still deletes:
+                // an absent generation matches no entry, so a DEL purges as surely.
+                Some(why) if why.starts_with("OOM") => self.run(del).await.map(|_| ()),
+                Some(why) => Err(StoreError::Refused(why)),
+            }
         })
     }
 
