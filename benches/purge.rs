@@ -18,6 +18,7 @@ use cachegate::cache::key::{Id, tag_id};
 use cachegate::cache::store::redis::RedisStore;
 use cachegate::cache::store::{Guarded, Store};
 use cachegate::cache::{Cache, Found};
+use cachegate::config::{RedisTarget, RedisTls};
 use cachegate::metrics::Metrics;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
@@ -64,8 +65,15 @@ async fn main() {
     let redis = support::Redis::start().await;
     let metrics = Arc::new(Metrics::new());
     let timeout = Duration::from_secs(30);
-    let store: Arc<dyn Store> =
-        Arc::new(RedisStore::connect_lazy(&redis.url(), None, timeout).expect("store"));
+    let store: Arc<dyn Store> = Arc::new(
+        RedisStore::connect_lazy(
+            &RedisTarget::Url(redis.url()),
+            None,
+            &RedisTls::default(),
+            timeout,
+        )
+        .expect("store"),
+    );
     let guarded = Arc::new(Guarded::new(store.clone(), timeout, metrics.clone()));
     let cache = Cache::new(
         guarded,

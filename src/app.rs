@@ -37,6 +37,8 @@ const PURGE_QUEUE: usize = 10_000;
 pub enum AppError {
     #[error("cannot set up the store: {0}")]
     Store(String),
+    #[error("cannot set up the upstream client: {0}")]
+    Upstream(String),
 }
 
 /// Everything a request reads from configuration, immutable: a reload builds a new one.
@@ -48,7 +50,7 @@ pub struct Live {
 }
 
 impl Live {
-    fn new(config: Config, metrics: &Metrics) -> Live {
+    fn new(config: Config, metrics: &Metrics) -> Result<Live, String> {
         let rule_metrics = config
             .rules
             .rules()
@@ -57,11 +59,11 @@ impl Live {
             .chain(std::iter::once(UNMATCHED))
             .map(|name| metrics.rule(name))
             .collect();
-        Live {
-            upstream: Upstream::new(&config.upstream),
+        Ok(Live {
+            upstream: Upstream::new(&config.upstream)?,
             config,
             rule_metrics,
-        }
+        })
     }
 
     /// The metric handles of a rule (`None`: requests no rule matched).
@@ -140,13 +142,19 @@ impl App {
                 l1 = Some(L1::new(MemoryStore::entry_budget(*max_bytes)));
                 Arc::new(MemoryStore::new(*max_bytes))
             }
-            StoreBackend::Redis { url, password } => Arc::new(
-                RedisStore::connect_lazy(url, password.as_deref(), config.store.timeout)
+            StoreBackend::Redis {
+                target,
+                password,
+                tls,
+            } => Arc::new(
+                RedisStore::connect_lazy(target, password.as_deref(), tls, config.store.timeout)
                     .map_err(|e| AppError::Store(e.to_string()))?,
             ),
         };
         let guarded = Arc::new(Guarded::new(store, config.store.timeout, metrics.clone()));
-        let live = Live::new(config, &metrics);
+        // rustls's process-wide provider, for the TLS clients that ask for it (Redis's).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let live = Live::new(config, &metrics).map_err(AppError::Upstream)?;
         let cache = Arc::new(Cache::new(
             guarded.clone(),
             &live.config.store.prefix,
@@ -161,6 +169,12 @@ impl App {
             table_bytes as usize,
         );
         let purger = Arc::new(Purger::new(cache.clone(), metrics.clone(), PURGE_QUEUE));
+        let replay = Arc::downgrade(&purger);
+        guarded.on_moved(Arc::new(move |step| {
+            if let Some(p) = replay.upgrade() {
+                p.store_moving(step);
+            }
+        }));
         if live.config.auth.weak_secret {
             metrics.auth_weak_secret.set(1);
         }
@@ -229,7 +243,19 @@ impl App {
                 "reload: this setting changed but needs a restart; the running value stays"
             );
         }
-        let live = Arc::new(Live::new(config, &self.metrics));
+        let live = match Live::new(config, &self.metrics) {
+            Ok(live) => Arc::new(live),
+            Err(why) => {
+                self.metrics.reload(ReloadResult::Failure);
+                tracing::error!(problem = %why, "reload refused: the running configuration stays");
+                return Err(ConfigError::Invalid(vec![crate::config::Diagnostic {
+                    file: source.path.display().to_string(),
+                    line: 0,
+                    col: 0,
+                    message: why,
+                }]));
+            }
+        };
         // The new snapshot first: requests from now on see it, then the shared state follows.
         self.live.store(live.clone());
         let names: Vec<&str> = live.config.rules.rules().iter().map(|r| &*r.name).collect();
@@ -268,7 +294,8 @@ fn keep_restart_settings(old: &Config, new: &mut Config) -> Vec<&'static str> {
         new.server.max_connections = old.server.max_connections;
     }
     if old.store.backend != new.store.backend {
-        changed.push("store (backend, url, password, max_bytes)");
+        changed
+            .push("store (backend, url, sentinels, cluster_nodes, password, tls files, max_bytes)");
         new.store.backend = old.store.backend.clone();
     }
     if old.store.prefix != new.store.prefix {

@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::cache::Cache;
 use crate::cache::key::{Id, global_tag};
+use crate::cache::store::Move;
 pub use crate::labels::Trigger;
 use crate::metrics::{Metrics, RuleMetrics};
 
@@ -41,6 +42,29 @@ pub struct Purger {
     /// Advanced by every purge this process makes: fills that could not read the store
     /// are only shared within one epoch.
     epoch: std::sync::atomic::AtomicU64,
+    /// The purges of the last `REPLAY_WINDOW_MS`, replayed when the store moves to another
+    /// server (`replay_recent`).
+    recent: std::sync::Mutex<Recent>,
+    /// While the store is moving to another server, the queue is not flushed: a flush now
+    /// could land on the server being left.
+    held: AtomicBool,
+    /// How many times the store started moving to another server.
+    moves: std::sync::atomic::AtomicU64,
+}
+
+/// How far back purges are replayed after the store moved to another server: beyond the
+/// time Sentinel takes between promoting a replica and announcing it.
+const REPLAY_WINDOW_MS: u64 = 10_000;
+/// At most this many recent tags are kept; more within the window replay as a purge of
+/// everything.
+const RECENT_MAX: usize = 4096;
+
+#[derive(Default)]
+struct Recent {
+    /// (when, tag), oldest first.
+    tags: VecDeque<(u64, Id)>,
+    /// When a tag still inside the window had to be dropped (0: never).
+    overflowed_ms: u64,
 }
 
 /// The result of a purge request.
@@ -65,12 +89,85 @@ impl Purger {
             capacity: capacity.max(1),
             wake: Notify::new(),
             epoch: std::sync::atomic::AtomicU64::new(0),
+            recent: std::sync::Mutex::new(Recent::default()),
+            held: AtomicBool::new(false),
+            moves: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The store is moving to another server (a failover): before it does, replay the
+    /// recent purges and hold them; once it has, let them go to the new server.
+    pub fn store_moving(&self, step: Move) {
+        match step {
+            Move::Starting => {
+                self.held.store(true, Ordering::Release);
+                // Pending first, then the count: a read that sees the new count sees
+                // pending too, and one that saw the old count checks it again after.
+                self.replay_recent();
+                self.moves.fetch_add(1, Ordering::AcqRel);
+            }
+            Move::Done => {
+                self.held.store(false, Ordering::Release);
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// Remember `tags` as purged now (for `replay_recent`).
+    fn remember(&self, tags: &[Id]) {
+        let now = crate::clock::now_ms();
+        let mut r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while r
+            .tags
+            .front()
+            .is_some_and(|(at, _)| now.saturating_sub(*at) > REPLAY_WINDOW_MS)
+        {
+            r.tags.pop_front();
+        }
+        for tag in tags {
+            if r.tags.len() >= RECENT_MAX {
+                r.tags.pop_front();
+                r.overflowed_ms = now;
+            }
+            r.tags.push_back((now, *tag));
+        }
+    }
+
+    /// The store moved to another server (a failover): the old one may have dropped the
+    /// last purges it took, so queue them again. Reads bypass the cache until the new
+    /// server has them (re-bumping a generation costs only misses).
+    pub fn replay_recent(&self) {
+        let now = crate::clock::now_ms();
+        let tags: Vec<Id> = {
+            let r = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if r.overflowed_ms != 0 && now.saturating_sub(r.overflowed_ms) <= REPLAY_WINDOW_MS {
+                vec![global_tag()]
+            } else {
+                r.tags
+                    .iter()
+                    .filter(|(at, _)| now.saturating_sub(*at) <= REPLAY_WINDOW_MS)
+                    .map(|(_, t)| *t)
+                    .collect()
+            }
+        };
+        if !tags.is_empty() {
+            tracing::warn!(
+                tags = tags.len(),
+                "the store moved to another server: replaying recent purges"
+            );
+            self.enqueue(&tags);
         }
     }
 
     /// The purge epoch: how many purges this process has started.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// How many times the store started moving to another server: a cache read that saw
+    /// this change while it ran must not be trusted.
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Acquire)
     }
 
     /// True while bumps wait for the store: cache reads must be bypassed.
@@ -93,6 +190,12 @@ impl Purger {
         }
         rule.purge(trigger);
         self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.remember(tags);
+        if self.held.load(Ordering::Acquire) {
+            // The store is moving to another server: the bump goes there once it has.
+            self.enqueue(tags);
+            return Purged::Queued;
+        }
         match self.cache.bump(tags).await {
             Ok(()) => Purged::Done,
             Err(e) => {
@@ -130,6 +233,9 @@ impl Purger {
 
     /// Try to flush the queue once; true when it is empty afterwards.
     pub async fn flush(&self) -> bool {
+        if self.held.load(Ordering::Acquire) {
+            return false;
+        }
         let Some((batch, epoch)) = self.snapshot() else {
             return true;
         };
@@ -173,7 +279,7 @@ impl Purger {
     /// Background task: retry the queue until it is empty, while `running`.
     pub async fn run(self: Arc<Self>, mut stopped: tokio::sync::watch::Receiver<bool>) {
         loop {
-            if !self.pending() {
+            if !self.pending() || self.held.load(Ordering::Acquire) {
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = stopped.changed() => return,
@@ -243,6 +349,38 @@ mod tests {
         );
         assert!(p.flush().await);
         assert!(!p.pending());
+    }
+
+    #[tokio::test]
+    async fn a_move_replays_recent_purges_and_blocks_reads_until_they_land() {
+        let p = purger(100);
+        let rule = p.metrics.rule("r");
+        assert_eq!(
+            p.purge(&[tag_id("a"), tag_id("b")], Trigger::Write, &rule)
+                .await,
+            Purged::Done
+        );
+        assert!(!p.pending());
+        p.store_moving(Move::Starting);
+        assert!(p.pending(), "reads bypass until the replay lands");
+        assert!(!p.flush().await, "nothing is flushed while the store moves");
+        p.store_moving(Move::Done);
+        assert_eq!(
+            p.lock().tags.iter().copied().collect::<Vec<_>>(),
+            vec![tag_id("a"), tag_id("b")]
+        );
+        assert!(p.flush().await);
+        assert!(!p.pending());
+        // Too many to remember within the window: everything is purged instead.
+        let many: Vec<Id> = (0..RECENT_MAX + 1)
+            .map(|i| tag_id(&i.to_string()))
+            .collect();
+        p.remember(&many);
+        p.replay_recent();
+        assert_eq!(
+            p.lock().tags.iter().copied().collect::<Vec<_>>(),
+            vec![global_tag()]
+        );
     }
 
     #[tokio::test]

@@ -20,8 +20,8 @@ use super::file::{
 };
 use super::units::format_duration;
 use super::{
-    AdminConfig, AuthConfig, CacheConfig, Config, LoginConfig, LogoutConfig, ServerConfig,
-    StoreBackend, StoreConfig, UpstreamConfig,
+    AdminConfig, AuthConfig, CacheConfig, Config, LoginConfig, LogoutConfig, Pem, RedisTarget,
+    RedisTls, ServerConfig, StoreBackend, StoreConfig, UpstreamConfig, UpstreamTls,
 };
 use crate::auth::jwt::{KeySource, Verifier};
 use crate::auth::{Gate, OnStoreError, SessionTemplate};
@@ -186,6 +186,7 @@ fn compile_upstream(cx: &mut Cx<'_>, f: Option<&Spanned<UpstreamFile>>) -> Upstr
         timeout: Duration::from_secs(30),
         pool_idle_timeout: Duration::from_secs(4),
         pool_max_idle: 256,
+        tls: UpstreamTls::default(),
     };
     let Some(up) = f else {
         cx.err(
@@ -215,15 +216,15 @@ fn compile_upstream(cx: &mut Cx<'_>, f: Option<&Spanned<UpstreamFile>>) -> Upstr
         cx.err(url.span(), format!("upstream.url: {text:?} is not a URL"));
         return out;
     };
-    if uri.scheme() != Some(&Scheme::HTTP) {
+    let https = uri.scheme() == Some(&Scheme::HTTPS);
+    if uri.scheme() != Some(&Scheme::HTTP) && !https {
         cx.err(
             url.span(),
-            format!(
-                "upstream.url: {text:?} must start with http:// (the upstream is reached over plain HTTP; terminate TLS in front of it or use a local sidecar)"
-            ),
+            format!("upstream.url: {text:?} must start with http:// or https://"),
         );
         return out;
     }
+    out.tls = compile_upstream_tls(cx, up, https);
     let Some(authority) = uri.authority().cloned() else {
         cx.err(url.span(), format!("upstream.url: {text:?} has no host"));
         return out;
@@ -239,6 +240,7 @@ fn compile_upstream(cx: &mut Cx<'_>, f: Option<&Spanned<UpstreamFile>>) -> Upstr
         cx.err(url.span(), "upstream.url: must not have a query string");
         return out;
     }
+    out.scheme = uri.scheme().cloned().unwrap_or(Scheme::HTTP);
     out.authority = authority;
     out.base_path = uri.path().trim_end_matches('/').to_string();
     out
@@ -247,11 +249,22 @@ fn compile_upstream(cx: &mut Cx<'_>, f: Option<&Spanned<UpstreamFile>>) -> Upstr
 fn compile_store(cx: &mut Cx<'_>, f: &StoreFile) -> StoreConfig {
     let backend = match get(&f.backend, Backend::Memory) {
         Backend::Memory => {
-            if let Some(url) = &f.url {
-                cx.err(
-                    url.span(),
-                    "store.url is only used with backend = \"redis\"",
-                );
+            for (span, key) in [
+                (span_of(&f.url), "store.url"),
+                (span_of(&f.sentinels), "store.sentinels"),
+                (span_of(&f.sentinel_master), "store.sentinel_master"),
+                (
+                    span_of(&f.sentinel_password_env),
+                    "store.sentinel_password_env",
+                ),
+                (span_of(&f.cluster_nodes), "store.cluster_nodes"),
+                (span_of(&f.tls_ca_file), "store.tls_ca_file"),
+                (span_of(&f.tls_cert_file), "store.tls_cert_file"),
+                (span_of(&f.tls_key_file), "store.tls_key_file"),
+            ] {
+                if span != (0..0) {
+                    cx.err(span, format!("{key} is only used with backend = \"redis\""));
+                }
             }
             StoreBackend::Memory {
                 max_bytes: get(&f.max_bytes, 256 << 20),
@@ -264,12 +277,8 @@ fn compile_store(cx: &mut Cx<'_>, f: &StoreFile) -> StoreConfig {
                     "store.max_bytes bounds the memory backend only; bound Redis with its own maxmemory",
                 );
             }
-            let (url, span) = f
-                .url
-                .as_ref()
-                .map(|t| (t.get_ref().clone(), t.span()))
-                .unwrap_or_else(|| ("redis://127.0.0.1:6379/0".to_string(), 0..0));
-            validate_redis_url(cx, &url, span);
+            let (target, tls_wanted) = redis_target(cx, f);
+            let tls = redis_tls(cx, f, tls_wanted);
             let password = f
                 .password_env
                 .as_ref()
@@ -288,7 +297,11 @@ fn compile_store(cx: &mut Cx<'_>, f: &StoreFile) -> StoreConfig {
                         }
                     }
                 });
-            StoreBackend::Redis { url, password }
+            StoreBackend::Redis {
+                target,
+                password,
+                tls,
+            }
         }
     };
     let prefix = f
@@ -315,27 +328,277 @@ fn compile_store(cx: &mut Cx<'_>, f: &StoreFile) -> StoreConfig {
     }
 }
 
-fn validate_redis_url(cx: &mut Cx<'_>, url: &str, span: Range<usize>) {
-    let lower = url.to_ascii_lowercase();
-    if lower.starts_with("rediss://") {
-        cx.err(
-            span,
-            "store.url: rediss:// (TLS) is not supported by this build; reach Redis over a TLS tunnel or a private network",
-        );
-        return;
+/// The `[upstream]` TLS settings: only with an `https://` URL.
+fn compile_upstream_tls(cx: &mut Cx<'_>, up: &UpstreamFile, https: bool) -> UpstreamTls {
+    if !https {
+        for (v, key) in [
+            (span_of(&up.tls_ca_file), "upstream.tls_ca_file"),
+            (span_of(&up.tls_server_name), "upstream.tls_server_name"),
+            (span_of(&up.tls_verify), "upstream.tls_verify"),
+        ] {
+            if v != (0..0) {
+                cx.err(v, format!("{key}: only used with an https:// upstream.url"));
+            }
+        }
+        return UpstreamTls::default();
     }
+    let server_name = up.tls_server_name.as_ref().and_then(|n| {
+        match rustls::pki_types::ServerName::try_from(n.get_ref().as_str()) {
+            Ok(_) => Some(n.get_ref().clone()),
+            Err(_) => {
+                cx.err(
+                    n.span(),
+                    format!(
+                        "upstream.tls_server_name: {:?} is not a DNS name or IP address",
+                        n.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    });
+    UpstreamTls {
+        ca: up
+            .tls_ca_file
+            .as_ref()
+            .and_then(|p| pem_certificates(cx, p, "upstream.tls_ca_file")),
+        server_name,
+        verify: get(&up.tls_verify, true),
+    }
+}
+
+/// Read a PEM file of certificates (at least one, all parseable).
+fn pem_certificates(cx: &mut Cx<'_>, path: &Spanned<String>, key: &str) -> Option<Pem> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let bytes = read_file(cx, path, key)?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+    match certs {
+        Ok(c) if !c.is_empty() => Some(Pem(bytes)),
+        Ok(_) => {
+            cx.err(
+                path.span(),
+                format!(
+                    "{key}: {:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                    path.get_ref()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            cx.err(
+                path.span(),
+                format!("{key}: {:?} is not valid PEM: {e}", path.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// Read a PEM private key file.
+fn pem_private_key(cx: &mut Cx<'_>, path: &Spanned<String>, key: &str) -> Option<Pem> {
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let bytes = read_file(cx, path, key)?;
+    match PrivateKeyDer::from_pem_slice(&bytes) {
+        Ok(_) => Some(Pem(bytes)),
+        Err(e) => {
+            cx.err(
+                path.span(),
+                format!(
+                    "{key}: {:?} holds no usable private key (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
+                    path.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn read_file(cx: &mut Cx<'_>, path: &Spanned<String>, key: &str) -> Option<Vec<u8>> {
+    match std::fs::read(path.get_ref()) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            cx.err(
+                path.span(),
+                format!("{key}: cannot read {:?}: {e}", path.get_ref()),
+            );
+            None
+        }
+    }
+}
+
+/// Which Redis: `url`, `sentinels` + `sentinel_master`, or `cluster_nodes`, exactly one of
+/// them. Also says whether the target is spoken to over TLS.
+fn redis_target(cx: &mut Cx<'_>, f: &StoreFile) -> (RedisTarget, bool) {
+    let fallback = || RedisTarget::Url("redis://127.0.0.1:6379/0".to_string());
+    let given: Vec<(&str, Range<usize>)> = [
+        ("url", span_of(&f.url)),
+        ("sentinels", span_of(&f.sentinels)),
+        ("cluster_nodes", span_of(&f.cluster_nodes)),
+    ]
+    .into_iter()
+    .filter(|(_, span)| *span != (0..0))
+    .collect();
+    if given.len() > 1 {
+        let names: Vec<&str> = given.iter().map(|(n, _)| *n).collect();
+        cx.err(
+            given[1].1.clone(),
+            format!(
+                "store: {} are different ways to name Redis; set one of them",
+                names.join(" and ")
+            ),
+        );
+        return (fallback(), false);
+    }
+    if f.sentinels.is_none() {
+        for (v, key) in [
+            (span_of(&f.sentinel_master), "store.sentinel_master"),
+            (
+                span_of(&f.sentinel_password_env),
+                "store.sentinel_password_env",
+            ),
+        ] {
+            if v != (0..0) {
+                cx.err(v, format!("{key}: only used with store.sentinels"));
+            }
+        }
+    }
+    if let Some(list) = &f.sentinels {
+        let urls = redis_urls(cx, list, "store.sentinels");
+        let master = match &f.sentinel_master {
+            Some(m) if !m.get_ref().is_empty() => m.get_ref().clone(),
+            _ => {
+                cx.err(
+                    list.span(),
+                    "store.sentinels: also set sentinel_master, the name the sentinels monitor (e.g. \"mymaster\")",
+                );
+                String::new()
+            }
+        };
+        let password = f
+            .sentinel_password_env
+            .as_ref()
+            .and_then(|name| cx.secret(name, "store.sentinel_password_env"));
+        let tls = urls.first().is_some_and(|u| is_tls(u));
+        if urls.iter().any(|u| is_tls(u) != tls) {
+            cx.err(
+                list.span(),
+                "store.sentinels: use rediss:// for all of them or for none",
+            );
+        }
+        return (
+            RedisTarget::Sentinel {
+                sentinels: urls,
+                master,
+                password,
+            },
+            tls,
+        );
+    }
+    if let Some(list) = &f.cluster_nodes {
+        let urls = redis_urls(cx, list, "store.cluster_nodes");
+        cx.err(
+            list.span(),
+            "store.cluster_nodes: Redis Cluster is not supported by this version; use url (one server) or sentinels (a failover pair)",
+        );
+        let tls = urls.first().is_some_and(|u| is_tls(u));
+        if urls.iter().any(|u| is_tls(u) != tls) {
+            cx.err(
+                list.span(),
+                "store.cluster_nodes: use rediss:// for all of them or for none",
+            );
+        }
+        return (RedisTarget::Cluster { nodes: urls }, tls);
+    }
+    match &f.url {
+        Some(u) => {
+            validate_redis_url(cx, u.get_ref(), u.span(), "store.url");
+            (RedisTarget::Url(u.get_ref().clone()), is_tls(u.get_ref()))
+        }
+        None => (fallback(), false),
+    }
+}
+
+fn is_tls(url: &str) -> bool {
+    url.get(..9)
+        .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+}
+
+/// A non-empty list of Redis URLs, each checked.
+fn redis_urls(cx: &mut Cx<'_>, list: &Spanned<Vec<Spanned<String>>>, key: &str) -> Vec<String> {
+    if list.get_ref().is_empty() {
+        cx.err(list.span(), format!("{key}: list at least one node"));
+    }
+    list.get_ref()
+        .iter()
+        .map(|u| {
+            validate_redis_url(cx, u.get_ref(), u.span(), key);
+            u.get_ref().clone()
+        })
+        .collect()
+}
+
+/// The `tls_*` files of `[store]`: only with a TLS target.
+fn redis_tls(cx: &mut Cx<'_>, f: &StoreFile, tls: bool) -> RedisTls {
+    if !tls {
+        for (v, key) in [
+            (span_of(&f.tls_ca_file), "store.tls_ca_file"),
+            (span_of(&f.tls_cert_file), "store.tls_cert_file"),
+            (span_of(&f.tls_key_file), "store.tls_key_file"),
+        ] {
+            if v != (0..0) {
+                cx.err(
+                    v,
+                    format!("{key}: only used when Redis is reached over TLS (rediss://)"),
+                );
+            }
+        }
+        return RedisTls::default();
+    }
+    let ca = f
+        .tls_ca_file
+        .as_ref()
+        .and_then(|p| pem_certificates(cx, p, "store.tls_ca_file"));
+    let client = match (&f.tls_cert_file, &f.tls_key_file) {
+        (Some(c), Some(k)) => {
+            let cert = pem_certificates(cx, c, "store.tls_cert_file");
+            let key = pem_private_key(cx, k, "store.tls_key_file");
+            cert.zip(key)
+        }
+        (Some(c), None) => {
+            cx.err(c.span(), "store.tls_cert_file: also set tls_key_file");
+            None
+        }
+        (None, Some(k)) => {
+            cx.err(k.span(), "store.tls_key_file: also set tls_cert_file");
+            None
+        }
+        (None, None) => None,
+    };
+    RedisTls {
+        ca: ca.map(|p| p.0),
+        client: client.map(|(c, k)| (c.0, k.0)),
+    }
+}
+
+fn validate_redis_url(cx: &mut Cx<'_>, url: &str, span: Range<usize>, key: &str) {
+    let lower = url.to_ascii_lowercase();
     if !lower.starts_with("redis://")
+        && !lower.starts_with("rediss://")
         && !lower.starts_with("redis+unix://")
         && !lower.starts_with("unix://")
     {
         cx.err(
             span,
-            format!("store.url: {url:?} is not a Redis URL (try \"redis://127.0.0.1:6379/0\")"),
+            format!("{key}: {url:?} is not a Redis URL (try \"redis://127.0.0.1:6379/0\")"),
         );
         return;
     }
     // A password written into the file would end up in backups and version control.
-    if let Some(rest) = lower.strip_prefix("redis://")
+    if let Some(rest) = lower
+        .strip_prefix("redis://")
+        .or_else(|| lower.strip_prefix("rediss://"))
         && let Some(userinfo) = rest
             .split('/')
             .next()
@@ -345,7 +608,17 @@ fn validate_redis_url(cx: &mut Cx<'_>, url: &str, span: Range<usize>) {
     {
         cx.err(
             span,
-            "store.url: must not contain a password; put it in an environment variable and name it in store.password_env",
+            format!(
+                "{key}: must not contain a password; put it in an environment variable and name it in store.password_env"
+            ),
+        );
+        return;
+    }
+    // The client library's own parser: what it refuses here it would refuse at start.
+    if let Err(e) = redis::IntoConnectionInfo::into_connection_info(url) {
+        cx.err(
+            span,
+            format!("{key}: {url:?} is not a valid Redis URL: {e}"),
         );
     }
 }

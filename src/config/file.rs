@@ -146,6 +146,9 @@ pub struct UpstreamFile {
     pub timeout: Val<Duration>,
     pub pool_idle_timeout: Val<Duration>,
     pub pool_max_idle: Val<i64>,
+    pub tls_ca_file: Val<String>,
+    pub tls_server_name: Val<String>,
+    pub tls_verify: Val<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -156,6 +159,13 @@ pub struct StoreFile {
     pub password_env: Val<String>,
     pub prefix: Val<String>,
     pub timeout: Val<Duration>,
+    pub tls_ca_file: Val<String>,
+    pub tls_cert_file: Val<String>,
+    pub tls_key_file: Val<String>,
+    pub sentinels: Val<Vec<Spanned<String>>>,
+    pub sentinel_master: Val<String>,
+    pub sentinel_password_env: Val<String>,
+    pub cluster_nodes: Val<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default)]
@@ -311,6 +321,9 @@ fn read_upstream(mut t: Table<'_, '_>) -> Spanned<UpstreamFile> {
         timeout: t.duration("timeout"),
         pool_idle_timeout: t.duration("pool_idle_timeout"),
         pool_max_idle: t.integer("pool_max_idle"),
+        tls_ca_file: t.string("tls_ca_file"),
+        tls_server_name: t.string("tls_server_name"),
+        tls_verify: t.boolean("tls_verify"),
     };
     t.done(
         f,
@@ -320,6 +333,9 @@ fn read_upstream(mut t: Table<'_, '_>) -> Spanned<UpstreamFile> {
             "timeout",
             "pool_idle_timeout",
             "pool_max_idle",
+            "tls_ca_file",
+            "tls_server_name",
+            "tls_verify",
         ],
     )
 }
@@ -332,6 +348,13 @@ fn read_store(mut t: Table<'_, '_>) -> Spanned<StoreFile> {
         password_env: t.string("password_env"),
         prefix: t.string("prefix"),
         timeout: t.duration("timeout"),
+        tls_ca_file: t.string("tls_ca_file"),
+        tls_cert_file: t.string("tls_cert_file"),
+        tls_key_file: t.string("tls_key_file"),
+        sentinels: t.strings("sentinels"),
+        sentinel_master: t.string("sentinel_master"),
+        sentinel_password_env: t.string("sentinel_password_env"),
+        cluster_nodes: t.strings("cluster_nodes"),
     };
     t.done(
         f,
@@ -342,6 +365,13 @@ fn read_store(mut t: Table<'_, '_>) -> Spanned<StoreFile> {
             "password_env",
             "prefix",
             "timeout",
+            "tls_ca_file",
+            "tls_cert_file",
+            "tls_key_file",
+            "sentinels",
+            "sentinel_master",
+            "sentinel_password_env",
+            "cluster_nodes",
         ],
     )
 }

@@ -162,16 +162,53 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     pub pool_idle_timeout: Duration,
     pub pool_max_idle: usize,
+    /// For an `https://` upstream.
+    pub tls: UpstreamTls,
 }
+
+/// TLS to an `https://` upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// Trust anchors (PEM) added to the system's.
+    pub ca: Option<Pem>,
+    /// The name the certificate must carry and SNI sends (default: the URL's host).
+    pub server_name: Option<String>,
+    /// Verify the certificate (`tls_verify = false` is for tests only).
+    pub verify: bool,
+}
+
+impl Default for UpstreamTls {
+    fn default() -> UpstreamTls {
+        UpstreamTls {
+            ca: None,
+            server_name: None,
+            verify: true,
+        }
+    }
+}
+
+/// PEM text read from a file when the config was loaded (printed as its size only: a key
+/// must never reach a log).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pem(pub Vec<u8>);
+
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pem({} bytes)", self.0.len())
+    }
+}
+
+pub use crate::cache::store::redis::{RedisTarget, RedisTls};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreBackend {
     /// Embedded, in-process store bounded by `max_bytes` (one instance only).
     Memory { max_bytes: u64 },
-    /// Redis at `url`; the password comes from the environment, never from the file.
+    /// Redis; the password comes from the environment, never from the file.
     Redis {
-        url: String,
+        target: RedisTarget,
         password: Option<String>,
+        tls: RedisTls,
     },
 }
 

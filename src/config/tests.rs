@@ -89,7 +89,7 @@ tags = ["user:{id}", "users"]
 fn unknown_key_is_an_error_with_position() {
     assert_eq!(
         err("[upstream]\nurl = \"http://127.0.0.1:9000\"\ntimout = \"1s\"\n"),
-        "cachegate.toml:3:1: unknown field `timout`, expected one of `url`, `connect_timeout`, `timeout`, `pool_idle_timeout`, `pool_max_idle`"
+        "cachegate.toml:3:1: unknown field `timout`, expected one of `url`, `connect_timeout`, `timeout`, `pool_idle_timeout`, `pool_max_idle`, `tls_ca_file`, `tls_server_name`, `tls_verify`"
     );
     assert!(
         err(&format!("{UPSTREAM}[cache]\nmax_size = \"1MiB\"\n"))
@@ -154,9 +154,7 @@ fn secrets_never_come_from_the_file() {
 
 #[test]
 fn other_value_errors() {
-    assert!(
-        err("[upstream]\nurl = \"https://x\"\n").starts_with("cachegate.toml:2:7: upstream.url")
-    );
+    assert!(err("[upstream]\nurl = \"ftp://x\"\n").starts_with("cachegate.toml:2:7: upstream.url"));
     assert!(err("").starts_with("cachegate.toml:1:1: [upstream] is missing"));
     assert!(
         err(&format!("{UPSTREAM}[server]\nlisten = \"8080\"\n"))
@@ -383,4 +381,99 @@ fn the_shipped_config_files_are_valid() {
             panic!("{e}");
         }
     }
+}
+
+#[test]
+fn topology_and_tls_settings_are_checked_with_positions() {
+    let redis = "[store]\nbackend = \"redis\"\n";
+    // One way to name Redis.
+    assert_eq!(
+        err(&format!(
+            "{UPSTREAM}{redis}url = \"redis://a:6379\"\nsentinels = [\"redis://s:26379\"]\nsentinel_master = \"m\"\n"
+        )),
+        "cachegate.toml:6:13: store: url and sentinels are different ways to name Redis; set one of them"
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}{redis}sentinels = [\"redis://s:26379\"]\n"
+        ))
+        .contains("also set sentinel_master")
+    );
+    assert!(
+        err(&format!("{UPSTREAM}{redis}sentinel_master = \"m\"\n"))
+            .contains("store.sentinel_master: only used with store.sentinels")
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}{redis}sentinels = [\"redis://s:26379\", \"rediss://t:26379\"]\nsentinel_master = \"m\"\n"
+        ))
+        .contains("rediss:// for all of them or for none")
+    );
+    assert!(
+        err(&format!(
+            "{UPSTREAM}{redis}cluster_nodes = [\"http://a\"]\n"
+        ))
+        .contains("store.cluster_nodes: \"http://a\" is not a Redis URL")
+    );
+    // TLS files: only with TLS, readable, and PEM.
+    assert_eq!(
+        err(&format!(
+            "{UPSTREAM}{redis}url = \"redis://a:6379\"\ntls_ca_file = \"/x\"\n"
+        )),
+        "cachegate.toml:6:15: store.tls_ca_file: only used when Redis is reached over TLS (rediss://)"
+    );
+    let missing = err(&format!(
+        "{UPSTREAM}{redis}url = \"rediss://a:6380\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n"
+    ));
+    assert!(
+        missing.starts_with(
+            "cachegate.toml:6:15: store.tls_ca_file: cannot read \"/nonexistent/ca.pem\""
+        ),
+        "{missing}"
+    );
+    let not_pem = std::env::temp_dir().join(format!("cachegate-not-pem-{}", std::process::id()));
+    std::fs::write(&not_pem, "hello").expect("write");
+    let bad = err(&format!(
+        "{UPSTREAM}{redis}url = \"rediss://a:6380\"\ntls_ca_file = \"{}\"\n",
+        not_pem.display()
+    ));
+    let _ = std::fs::remove_file(&not_pem);
+    assert!(bad.contains("holds no PEM certificate"), "{bad}");
+    assert!(
+        err(&format!(
+            "{UPSTREAM}{redis}url = \"rediss://a:6380\"\ntls_cert_file = \"/x\"\n"
+        ))
+        .contains("also set tls_key_file")
+    );
+    // The memory backend takes none of them.
+    assert!(
+        err(&format!(
+            "{UPSTREAM}[store]\nsentinels = [\"redis://s:26379\"]\n"
+        ))
+        .contains("store.sentinels is only used with backend = \"redis\"")
+    );
+    // Upstream TLS keys need an https URL; a server name must be a name.
+    assert!(
+        err("[upstream]\nurl = \"http://a\"\ntls_verify = false\n").starts_with(
+            "cachegate.toml:3:14: upstream.tls_verify: only used with an https:// upstream.url"
+        )
+    );
+    assert!(
+        err("[upstream]\nurl = \"https://a\"\ntls_server_name = \"not a name\"\n")
+            .contains("is not a DNS name or IP address")
+    );
+    let c = ok(
+        "[upstream]\nurl = \"https://api.example.com/v1\"\ntls_server_name = \"api.internal\"\n",
+    );
+    assert_eq!(c.upstream.scheme, http::uri::Scheme::HTTPS);
+    assert_eq!(c.upstream.tls.server_name.as_deref(), Some("api.internal"));
+    assert!(c.upstream.tls.verify);
+    let c = ok(&format!(
+        "{UPSTREAM}{redis}sentinels = [\"redis://s1:26379\", \"redis://s2:26379\"]\nsentinel_master = \"mymaster\"\n"
+    ));
+    assert!(matches!(
+        &c.store.backend,
+        StoreBackend::Redis { target: RedisTarget::Sentinel { sentinels, master, .. }, .. }
+            if sentinels.len() == 2 && master == "mymaster"
+    ));
 }

@@ -37,6 +37,8 @@ pub enum ProxyError {
     NotCached,
     #[error("cannot connect to the upstream: {0}")]
     UpstreamConnect(String),
+    #[error("TLS with the upstream failed: {0}")]
+    UpstreamTls(String),
     #[error("upstream did not answer in time")]
     UpstreamTimeout,
     #[error("upstream request failed: {0}")]
@@ -49,6 +51,7 @@ impl From<UpstreamError> for ProxyError {
     fn from(e: UpstreamError) -> ProxyError {
         match e {
             UpstreamError::Connect(why) => ProxyError::UpstreamConnect(why),
+            UpstreamError::Tls(why) => ProxyError::UpstreamTls(why),
             UpstreamError::Timeout => ProxyError::UpstreamTimeout,
             UpstreamError::Protocol(why) => ProxyError::UpstreamProtocol(why),
             UpstreamError::ClientBodyStalled => ProxyError::ClientBodyTimeout,
@@ -69,7 +72,7 @@ impl ProxyError {
             ProxyError::SessionStoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             // RFC 9111 §5.2.1.7
             ProxyError::NotCached => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::UpstreamConnect(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamConnect(_) | ProxyError::UpstreamTls(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamProtocol(_) => StatusCode::BAD_GATEWAY,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -86,6 +89,7 @@ impl ProxyError {
             | ProxyError::NotCached => Blame::Downstream,
             ProxyError::SessionStoreUnavailable { .. } => Blame::Internal,
             ProxyError::UpstreamConnect(_)
+            | ProxyError::UpstreamTls(_)
             | ProxyError::UpstreamTimeout
             | ProxyError::UpstreamProtocol(_) => Blame::Upstream,
             ProxyError::Internal(_) => Blame::Internal,
@@ -103,6 +107,7 @@ impl ProxyError {
             ProxyError::SessionStoreUnavailable { .. } => "session_store_unavailable",
             ProxyError::NotCached => "not_cached",
             ProxyError::UpstreamConnect(_) => "upstream_unreachable",
+            ProxyError::UpstreamTls(_) => "upstream_tls_failed",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamProtocol(_) => "upstream_error",
             ProxyError::Internal(_) => "internal_error",
@@ -124,6 +129,8 @@ impl ProxyError {
             }
             ProxyError::NotCached => "only-if-cached: no usable stored response".into(),
             ProxyError::UpstreamConnect(_) => "the upstream refused or could not be reached".into(),
+            // The TLS library's words (a certificate problem, say): no request bytes.
+            ProxyError::UpstreamTls(why) => format!("TLS with the upstream failed: {why}"),
             ProxyError::UpstreamTimeout => "the upstream did not answer in time".into(),
             ProxyError::UpstreamProtocol(_) => {
                 "the upstream answered with an invalid response".into()

@@ -135,6 +135,7 @@ pub async fn cached(
     let id = base.id(&parts.headers, &[]);
     // Purges wait for the store: until they land, nothing is read from the cache.
     // Concurrent requests for the key still share one upstream fetch.
+    let moves = cx.app.purger.moves();
     if cx.app.purger.pending() {
         return degraded(
             cx,
@@ -210,6 +211,12 @@ pub async fn cached(
                     return degraded(cx, parts, body, base, id, rule, None, why).await;
                 }
             };
+        }
+        if cx.app.purger.moves() != moves {
+            // The store moved to another server while this was read (a failover): what
+            // was read may predate purges the new server has not had yet.
+            let why = Reason::PurgePending;
+            return degraded(cx, parts, body, base, id, rule, None, why).await;
         }
         let now = now_ms();
         let mut miss = Trace {

@@ -13,3 +13,4 @@ mod proxy;
 mod purge;
 mod reload;
 mod support;
+mod topology;

@@ -53,6 +53,18 @@ impl StoreError {
     }
 }
 
+/// What the store calls when it moves to another server (see `Store::on_moved`).
+pub type Moved = Arc<dyn Fn(Move) + Send + Sync>;
+
+/// The two steps of a move to another server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Calls still go to the old server.
+    Starting,
+    /// Calls go to the new server.
+    Done,
+}
+
 /// The largest value read under a small key (a session token, a generation); a longer one
 /// reads as `SMALL_LIMIT + 1` bytes, which is never a valid token or generation.
 pub const SMALL_LIMIT: usize = 16 << 10;
@@ -165,6 +177,11 @@ pub trait Store: Send + Sync + 'static {
     /// sessions) for as long as the process runs. A store that cannot leaves the table
     /// disconnected, so it is never used.
     fn track(&self, _mirror: Arc<crate::cache::mirror::Mirror>, _prefixes: Vec<Vec<u8>>) {}
+    /// Call `f` each time the store moves to another server (a Sentinel failover): writes
+    /// the old one took after its replica was promoted may be lost, so the caller replays
+    /// what it recently wrote. `f(Move::Starting)` comes before any call can reach the new
+    /// server, `f(Move::Done)` once calls go there. A store that never moves never calls it.
+    fn on_moved(&self, _f: Moved) {}
     /// True for a store in this process (its calls complete without waiting on anything).
     fn is_local(&self) -> bool {
         false
@@ -279,6 +296,11 @@ impl Guarded {
     /// Start keeping `mirror` coherent with the store (see `Store::track`).
     pub fn track(&self, mirror: Arc<crate::cache::mirror::Mirror>, prefixes: Vec<Vec<u8>>) {
         self.inner.track(mirror, prefixes);
+    }
+
+    /// Call `f` when the store moves to another server (see `Store::on_moved`).
+    pub fn on_moved(&self, f: Moved) {
+        self.inner.on_moved(f);
     }
 
     /// Bytes and items held, for an in-process store.

@@ -1,4 +1,4 @@
-//! The Redis store: the only module that imports the `redis` crate.
+//! The Redis store: the only module that speaks to Redis (`config` only parses its URLs).
 //!
 //! Each worker thread (`runtime::slot`) has its own pair of multiplexed connections
 //! (redis-rs `ConnectionManager`), made on first use on that thread so their I/O runs there:
@@ -14,19 +14,59 @@
 //! value under a key costs one bounded reply, never its whole size. Every command touches
 //! one key, and scripts never more than one.
 
+mod sentinel;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{
-    AsyncConnectionConfig, Client, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo,
-    PushKind, Value,
+    AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo,
+    IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, PushKind, TlsCertificates, Value,
 };
 
-use super::{BoxFut, SMALL_LIMIT, Small, Store, StoreError};
+use super::{BoxFut, Move, Moved, SMALL_LIMIT, Small, Store, StoreError};
 use crate::cache::key::{EntryKey, GenKey, LeaseKey, SessionKey};
 use crate::cache::mirror::Mirror;
+
+/// TLS to Redis (`rediss://`).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RedisTls {
+    /// Trust anchors (PEM) used instead of the system's.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate chain and key (PEM), for servers that ask for one.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    // Sizes only: a key must never reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca_bytes", &self.ca.as_ref().map(Vec::len))
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+/// Where the Redis to use is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (`url`).
+    Url(String),
+    /// The master Sentinel names `master`, followed across failovers. The master is spoken
+    /// to with the sentinels' scheme (`rediss://` sentinels: TLS to the master too).
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        /// For the sentinels themselves.
+        password: Option<String>,
+    },
+    /// A Redis Cluster, discovered from these seed nodes.
+    Cluster { nodes: Vec<String> },
+}
 
 /// Drops its keys from the coherence table when dropped (see `RedisStore::writing`).
 struct Writing<'k> {
@@ -46,17 +86,112 @@ impl Drop for Writing<'_> {
 
 /// A Redis-backed store.
 pub struct RedisStore {
-    client: Client,
-    /// The same server, spoken to in RESP3: the tracking connection.
-    tracking_client: Client,
+    shared: Arc<Shared>,
     timeout: Duration,
     /// The coherence table the tracking connection keeps, once tracking was started.
     mirror: OnceLock<Arc<Mirror>>,
+}
+
+/// What the store and its background threads (tracking, Sentinel) share.
+struct Shared {
+    /// The connections to the server in use; none until Sentinel named a master.
+    conns: ArcSwapOption<Conns>,
+    /// Advanced each time `conns` is replaced, and `moved` rung: the tracking connection
+    /// follows to the new server.
+    generation: AtomicU64,
+    moved: tokio::sync::Notify,
+    /// Called after a move to another server (set once, by the purger).
+    on_moved: OnceLock<Moved>,
+    /// Rung when the server refuses a write as a replica (READONLY): it was demoted, so the
+    /// sentinels are asked at once who the master is now.
+    ask_now: tokio::sync::Notify,
     config: ConnectionManagerConfig,
+}
+
+/// The connections to one server.
+struct Conns {
+    /// The server, for logs.
+    addr: String,
+    client: Client,
+    /// The same server, spoken to in RESP3: the tracking connection.
+    tracking_client: Client,
     /// The connections of slot 0 (threads off the workers).
     first: Pair,
     /// Those of the workers (slots 1..), each made on its worker's first use.
     workers: Vec<std::sync::OnceLock<Pair>>,
+}
+
+impl Conns {
+    /// Connections (made lazily) to the server `info` names.
+    fn new(
+        info: ConnectionInfo,
+        tls: &RedisTls,
+        config: &ConnectionManagerConfig,
+    ) -> Result<Conns, StoreError> {
+        let addr = info.addr().to_string();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let tracking_client = client_for(info.clone().set_redis_settings(resp3), tls)?;
+        let client = client_for(info, tls)?;
+        let first = Pair::new(&client, config)?;
+        let workers = (1..crate::runtime::slots())
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        Ok(Conns {
+            addr,
+            client,
+            tracking_client,
+            first,
+            workers,
+        })
+    }
+
+    /// The calling thread's connections (made on its first use, so that they run there).
+    fn pair(&self, config: &ConnectionManagerConfig) -> &Pair {
+        let Some(cell) = crate::runtime::slot()
+            .checked_sub(1)
+            .and_then(|i| self.workers.get(i))
+        else {
+            return &self.first;
+        };
+        if let Some(p) = cell.get() {
+            return p;
+        }
+        match Pair::new(&self.client, config) {
+            Ok(p) => cell.get_or_init(|| p),
+            // Cannot happen once slot 0 was made with the same settings; slot 0 serves.
+            Err(_) => &self.first,
+        }
+    }
+}
+
+/// A client for `info`, over TLS with the configured trust and client certificate when the
+/// address is a `rediss://` one.
+fn client_for(info: ConnectionInfo, tls: &RedisTls) -> Result<Client, StoreError> {
+    let result = if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
+        Client::build_with_tls(
+            info,
+            TlsCertificates {
+                client_tls: tls.client.as_ref().map(|(cert, key)| ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+                root_cert: tls.ca.clone(),
+            },
+        )
+    } else {
+        Client::open(info)
+    };
+    result.map_err(|e| StoreError::Backend(format!("cannot use this Redis address: {e}")))
+}
+
+/// Check that a Redis URL parses (for `cachegate check`).
+pub fn check_url(url: &str) -> Result<(), String> {
+    url.into_connection_info()
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The connections of one thread.
@@ -78,28 +213,27 @@ impl Pair {
     }
 }
 
+/// With a password, if one is given.
+fn with_password(info: ConnectionInfo, password: Option<&str>) -> ConnectionInfo {
+    match password {
+        Some(pw) => {
+            let settings = info.redis_settings().clone().set_password(pw);
+            info.set_redis_settings(settings)
+        }
+        None => info,
+    }
+}
+
 impl RedisStore {
     /// Build the store without connecting: a Redis that is down at start only bypasses the
-    /// cache until it comes up.
+    /// cache until it comes up. With Sentinel, the master is asked for in the background and
+    /// followed across failovers.
     pub fn connect_lazy(
-        url: &str,
+        target: &RedisTarget,
         password: Option<&str>,
+        tls: &RedisTls,
         timeout: Duration,
     ) -> Result<RedisStore, StoreError> {
-        let mut info = url
-            .into_connection_info()
-            .map_err(|e| StoreError::Backend(format!("invalid Redis URL: {e}")))?;
-        if let Some(pw) = password {
-            let settings = info.redis_settings().clone().set_password(pw);
-            info = info.set_redis_settings(settings);
-        }
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let tracking_client = Client::open(info.clone().set_redis_settings(resp3))
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let client = Client::open(info).map_err(|e| StoreError::Backend(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(250))))
             // No response timeout here: every call runs under `Guarded`'s, which drops the
@@ -110,41 +244,80 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let first = Pair::new(&client, &config)?;
-        let workers = (1..crate::runtime::slots())
-            .map(|_| std::sync::OnceLock::new())
-            .collect();
+        let shared = Arc::new(Shared {
+            conns: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
+            moved: tokio::sync::Notify::new(),
+            on_moved: OnceLock::new(),
+            ask_now: tokio::sync::Notify::new(),
+            config,
+        });
+        match target {
+            RedisTarget::Url(url) => {
+                let info = url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(|e| StoreError::Backend(format!("invalid Redis URL: {e}")))?;
+                let conns = Conns::new(with_password(info, password), tls, &shared.config)?;
+                shared.conns.store(Some(Arc::new(conns)));
+            }
+            RedisTarget::Sentinel {
+                sentinels,
+                master,
+                password: sentinel_password,
+            } => {
+                let watch = sentinel::Watch::new(
+                    sentinels,
+                    master,
+                    sentinel_password.as_deref(),
+                    password,
+                    tls,
+                    timeout.max(Duration::from_millis(250)),
+                )?;
+                watch.start(Arc::downgrade(&shared));
+            }
+            RedisTarget::Cluster { .. } => {
+                return Err(StoreError::Backend(
+                    "Redis Cluster is not supported by this build".into(),
+                ));
+            }
+        }
         Ok(RedisStore {
-            client,
-            tracking_client,
+            shared,
             timeout,
             mirror: OnceLock::new(),
-            config,
-            first,
-            workers,
         })
     }
 
-    /// The calling thread's connections (made on its first use, so that they run there).
-    fn pair(&self) -> &Pair {
-        let Some(cell) = crate::runtime::slot()
-            .checked_sub(1)
-            .and_then(|i| self.workers.get(i))
-        else {
-            return &self.first;
+    /// One of the calling thread's connections (`entries`: the one for entries).
+    fn conn(&self, entries: bool) -> Result<ConnectionManager, StoreError> {
+        let guard = self.shared.conns.load();
+        let Some(conns) = guard.as_ref() else {
+            return Err(StoreError::Backend(
+                "no Redis master known yet (asking the sentinels)".into(),
+            ));
         };
-        if let Some(p) = cell.get() {
-            return p;
-        }
-        match Pair::new(&self.client, &self.config) {
-            Ok(p) => cell.get_or_init(|| p),
-            // Cannot happen once slot 0 was made with the same settings; slot 0 serves.
-            Err(_) => &self.first,
-        }
+        let pair = conns.pair(&self.shared.config);
+        Ok(if entries {
+            pair.entries.clone()
+        } else {
+            pair.small.clone()
+        })
     }
 
     async fn run(&self, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-        run_on(&self.pair().small, pipe).await
+        let result = run_on(self.conn(false)?, pipe).await;
+        let demoted = match &result {
+            Err(StoreError::Refused(why)) => why.contains("READONLY"),
+            Ok(values) => values
+                .iter()
+                .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY")),
+            Err(_) => false,
+        };
+        if demoted {
+            self.shared.ask_now.notify_one();
+        }
+        result
     }
 
     /// A write of small keys this instance is making: when it ends (it landed, failed, or
@@ -164,8 +337,38 @@ impl RedisStore {
     }
 }
 
-async fn run_on(conn: &ConnectionManager, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
-    let mut conn = conn.clone();
+impl Shared {
+    /// Use the server `info` names from now on (Sentinel named a new master).
+    fn switch(&self, conns: Conns) {
+        let addr = conns.addr.clone();
+        let moving = self.conns.load().is_some();
+        let hook = self.on_moved.get().filter(|_| moving);
+        if let Some(f) = hook {
+            // Before any call can reach the new server: reads stop using the cache.
+            f(Move::Starting);
+        }
+        let old = self.conns.swap(Some(Arc::new(conns)));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.moved.notify_waiters();
+        if let Some(f) = hook {
+            f(Move::Done);
+        }
+        match old {
+            Some(old) => tracing::warn!(
+                from = %old.addr,
+                to = %addr,
+                "Redis master changed; the store follows it and replays recent purges"
+            ),
+            None => tracing::info!(master = %addr, "Redis master found"),
+        }
+    }
+}
+
+async fn run_on(mut conn: ConnectionManager, pipe: Pipeline) -> Result<Vec<Value>, StoreError> {
+    // Nothing to send (no generation to extend, say): the client would call that an error.
+    if pipe.is_empty() {
+        return Ok(Vec::new());
+    }
     pipe.query_async::<Vec<Value>>(&mut conn)
         .await
         .map_err(backend)
@@ -240,7 +443,7 @@ impl Store for RedisStore {
         pipe.ignore_errors();
         bounded_get(&mut pipe, &key.0, limit);
         Box::pin(async move {
-            match run_on(&self.pair().entries, pipe).await?.pop() {
+            match run_on(self.conn(true)?, pipe).await?.pop() {
                 Some(v) => bytes_of(v),
                 None => Err(StoreError::Backend("empty GETRANGE reply".into())),
             }
@@ -264,7 +467,7 @@ impl Store for RedisStore {
         }
         let count = 2 * usize::from(session.is_some()) + gens.len();
         Box::pin(async move {
-            let values = run_on(&self.pair().small, pipe).await?;
+            let values = run_on(self.conn(false)?, pipe).await?;
             if values.len() != count {
                 return Err(StoreError::Backend(format!(
                     "expected {count} replies, got {}",
@@ -316,8 +519,8 @@ impl Store for RedisStore {
         }
         Box::pin(async move {
             let (stored, touched) = tokio::join!(
-                run_on(&self.pair().entries, pipe),
-                run_on(&self.pair().small, touch)
+                run_on(self.conn(true)?, pipe),
+                run_on(self.conn(false)?, touch)
             );
             stored?;
             touched.map(|_| ())
@@ -492,32 +695,47 @@ impl Store for RedisStore {
         "redis"
     }
 
+    fn on_moved(&self, f: Moved) {
+        let _ = self.shared.on_moved.set(f);
+    }
+
     fn track(&self, mirror: Arc<Mirror>, prefixes: Vec<Vec<u8>>) {
         if self.mirror.set(mirror.clone()).is_err() {
             return;
         }
-        let client = self.tracking_client.clone();
+        let shared = Arc::downgrade(&self.shared);
         let timeout = self.timeout.max(Duration::from_millis(250));
         let weak = Arc::downgrade(&mirror);
         // A thread of its own, idle but for this connection: an invalidation is taken in as
         // soon as it arrives, however busy the workers are.
-        let started = std::thread::Builder::new()
-            .name("cachegate-tracking".into())
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(track_forever(client, weak, prefixes, timeout)),
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "cannot run Redis tracking; the in-process tier stays off"
-                    ),
-                }
-            });
-        if let Err(e) = started {
-            tracing::warn!(error = %e, "cannot run Redis tracking; the in-process tier stays off");
-        }
+        on_own_thread(
+            "cachegate-tracking",
+            track_forever(shared, weak, prefixes, timeout),
+            "cannot run Redis tracking; the in-process tier stays off",
+        );
+    }
+}
+
+/// Run `task` on a thread of its own, on a single-threaded runtime; `failed` is logged if
+/// that cannot be.
+fn on_own_thread(
+    name: &str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+    failed: &'static str,
+) {
+    let started = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(task),
+                Err(e) => tracing::error!(error = %e, "{failed}"),
+            }
+        });
+    if let Err(e) = started {
+        tracing::error!(error = %e, "{failed}");
     }
 }
 
@@ -527,8 +745,9 @@ const HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// Keep a tracking connection subscribed for as long as the table exists: connect,
 /// subscribe, heartbeat; on any failure mark the table lost and start again (with a backoff).
+/// When the store moves to another server (a Sentinel failover), it moves along.
 async fn track_forever(
-    client: Client,
+    shared: std::sync::Weak<Shared>,
     mirror: std::sync::Weak<Mirror>,
     prefixes: Vec<Vec<u8>>,
     timeout: Duration,
@@ -536,8 +755,12 @@ async fn track_forever(
     let mut backoff = Duration::from_millis(50);
     let mut down = false;
     loop {
+        let Some(store) = shared.upgrade() else {
+            return;
+        };
         let gone = Arc::new(tokio::sync::Notify::new());
-        let result = tracking_session(&client, &mirror, &prefixes, timeout, &gone).await;
+        let result = tracking_session(&store, &mirror, &prefixes, timeout, &gone).await;
+        drop(store);
         let Some(table) = mirror.upgrade() else {
             return;
         };
@@ -567,12 +790,21 @@ async fn track_forever(
 /// One tracking connection's life. `Ok` once it was acknowledged and then lost (or the
 /// table is gone); `Err` if it never got that far.
 async fn tracking_session(
-    client: &Client,
+    store: &Shared,
     mirror: &std::sync::Weak<Mirror>,
     prefixes: &[Vec<u8>],
     timeout: Duration,
     gone: &Arc<tokio::sync::Notify>,
 ) -> Result<(), String> {
+    let generation = store.generation.load(Ordering::Acquire);
+    let Some(client) = store
+        .conns
+        .load()
+        .as_ref()
+        .map(|c| c.tracking_client.clone())
+    else {
+        return Err("no Redis master known yet".into());
+    };
     let table = mirror.clone();
     let notify = gone.clone();
     let config = AsyncConnectionConfig::new()
@@ -604,7 +836,12 @@ async fn tracking_session(
     loop {
         tokio::select! {
             _ = gone.notified() => return Ok(()),
+            _ = store.moved.notified() => {}
             _ = tokio::time::sleep(HEARTBEAT) => {}
+        }
+        if store.generation.load(Ordering::Acquire) != generation {
+            // The store moved to another server: track that one.
+            return Ok(());
         }
         if mirror.strong_count() == 0
             || redis::cmd("PING")

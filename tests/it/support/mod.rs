@@ -10,6 +10,8 @@ mod daemon;
 mod origin;
 mod proxy;
 mod redis;
+mod sentinel;
+mod tls;
 
 #[allow(unused_imports)]
 pub use daemon::*;
@@ -18,6 +20,10 @@ pub use origin::*;
 #[allow(unused_imports)]
 pub use proxy::*;
 pub use redis::*;
+#[allow(unused_imports)]
+pub use sentinel::*;
+#[allow(unused_imports)]
+pub use tls::*;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -24,6 +24,7 @@ pub struct Seen {
     pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub version: http::Version,
 }
 
 /// An origin answer.
@@ -106,6 +107,7 @@ impl Release {
 /// A fake upstream on 127.0.0.1:0 that counts requests.
 pub struct Origin {
     pub addr: SocketAddr,
+    https: bool,
     gate: Arc<Gate>,
     total: Arc<AtomicUsize>,
     per_target: Arc<Mutex<HashMap<String, usize>>>,
@@ -151,6 +153,16 @@ impl Origin {
     }
 
     pub async fn start(h: Handler) -> Origin {
+        Origin::start_with(h, None).await
+    }
+
+    /// An origin behind TLS (`url()` is https://), offering HTTP/2 and HTTP/1.1 by ALPN.
+    pub async fn start_tls(h: Handler, tls: Arc<rustls::ServerConfig>) -> Origin {
+        Origin::start_with(h, Some(tokio_rustls::TlsAcceptor::from(tls))).await
+    }
+
+    async fn start_with(h: Handler, tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
+        let https = tls.is_some();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().expect("addr");
         let total = Arc::new(AtomicUsize::new(0));
@@ -167,6 +179,7 @@ impl Origin {
                     continue;
                 };
                 let (h, t, p, s, g) = (h.clone(), t.clone(), p.clone(), s.clone(), g.clone());
+                let tls = tls.clone();
                 let conn = tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (h, t, p, s, g) =
@@ -196,6 +209,7 @@ impl Origin {
                                 query: parts.uri.query().map(str::to_string),
                                 headers: parts.headers.clone(),
                                 body,
+                                version: parts.version,
                             };
                             s.lock().unwrap().push(seen.clone());
                             let a = h(seen, n).await;
@@ -203,15 +217,30 @@ impl Origin {
                             Ok::<_, std::convert::Infallible>(render(a))
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    match tls {
+                        // A failed handshake (a client that does not trust us) just closes.
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = hyper_util::server::conn::auto::Builder::new(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                )
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                            }
+                        }
+                        None => {
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .await;
+                        }
+                    }
                 });
                 conns.lock().unwrap().push(conn.abort_handle());
             }
         });
         Origin {
             addr,
+            https,
             gate,
             total,
             per_target,
@@ -222,7 +251,8 @@ impl Origin {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Hold the next request's answer (made, but not sent) until the release.

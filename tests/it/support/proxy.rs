@@ -76,6 +76,7 @@ pub const MEMORY_STORE: &str = "[store]\nbackend = \"memory\"\nmax_bytes = \"64M
 /// embedded one unless told), then server keys, rules and whole sections.
 pub struct ProxyBuilder {
     upstream: String,
+    upstream_keys: String,
     server: String,
     store: String,
     rest: String,
@@ -92,6 +93,13 @@ impl ProxyBuilder {
     /// Use this Redis with this command timeout (fault tests).
     pub fn redis_timeout(mut self, redis: &Redis, timeout: &str) -> Self {
         self.store = redis_store_timeout(redis, timeout);
+        self
+    }
+
+    /// An `[upstream]` key, e.g. `tls_ca_file = "..."`.
+    pub fn upstream(mut self, line: &str) -> Self {
+        self.upstream_keys.push_str(line);
+        self.upstream_keys.push('\n');
         self
     }
 
@@ -128,8 +136,8 @@ impl ProxyBuilder {
     pub fn text(&self) -> String {
         format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n{}\n\
-             [upstream]\nurl = \"{}\"\ntimeout = \"2s\"\nconnect_timeout = \"500ms\"\n\n{}\n{}",
-            self.server, self.upstream, self.store, self.rest
+             [upstream]\nurl = \"{}\"\ntimeout = \"2s\"\nconnect_timeout = \"500ms\"\n{}\n{}\n{}",
+            self.server, self.upstream, self.upstream_keys, self.store, self.rest
         )
     }
 
@@ -148,6 +156,7 @@ impl Proxy {
     pub fn builder(origin: &Origin) -> ProxyBuilder {
         ProxyBuilder {
             upstream: origin.url(),
+            upstream_keys: String::new(),
             server: String::new(),
             store: MEMORY_STORE.to_string(),
             rest: String::new(),

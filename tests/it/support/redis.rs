@@ -16,13 +16,19 @@ fn redis_server_binary() -> String {
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
+    /// Served over TLS only: the server's certificate and the CA that signed it.
+    tls: Option<(super::Issued, std::path::PathBuf)>,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
         for _ in 0..5 {
             let port = free_port();
-            let mut r = Redis { child: None, port };
+            let mut r = Redis {
+                child: None,
+                port,
+                tls: None,
+            };
             if r.spawn().await {
                 return r;
             }
@@ -30,11 +36,53 @@ impl Redis {
         panic!("could not start redis-server (is it installed? apt-get install redis-server)");
     }
 
+    /// A redis-server that speaks TLS only, with a certificate `pki` issues.
+    pub async fn start_tls(pki: &super::Pki) -> Redis {
+        let issued = pki.issue(&format!("redis-{}", super::free_port()), &[]);
+        for _ in 0..5 {
+            let mut r = Redis {
+                child: None,
+                port: free_port(),
+                tls: Some((issued.clone(), pki.ca_file())),
+            };
+            if r.spawn().await {
+                return r;
+            }
+        }
+        panic!("could not start redis-server with TLS");
+    }
+
+    /// A client for this server (over TLS with the test CA when it speaks TLS).
+    pub fn client(&self) -> redis::Client {
+        match &self.tls {
+            None => redis::Client::open(self.url()).expect("url"),
+            Some((_, ca)) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).expect("ca file")),
+                },
+            )
+            .expect("tls client"),
+        }
+    }
+
     async fn spawn(&mut self) -> bool {
-        let child = Command::new(redis_server_binary())
+        let mut command = Command::new(redis_server_binary());
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some((issued, ca)) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&issued.cert)
+                .arg("--tls-key-file")
+                .arg(&issued.key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
             .args([
-                "--port",
-                &self.port.to_string(),
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -67,9 +115,7 @@ impl Redis {
     }
 
     async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url()) else {
-            return false;
-        };
+        let client = self.client();
         let Ok(Ok(mut conn)) = tokio::time::timeout(
             Duration::from_millis(500),
             client.get_multiplexed_async_connection(),
@@ -89,13 +135,17 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// An independent connection, for checking what is in Redis.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .expect("url")
+        self.client()
             .get_multiplexed_async_connection()
             .await
             .expect("redis connection")
