@@ -110,6 +110,15 @@ fn get<T: Copy>(v: &Val<T>, default: T) -> T {
     v.as_ref().map(|s| *s.get_ref()).unwrap_or(default)
 }
 
+/// Report each key that is set although `when` says it is not used here.
+fn unused(cx: &mut Cx<'_>, keys: &[(Range<usize>, &str)], when: &str) {
+    for (span, key) in keys {
+        if *span != (0..0) {
+            cx.err(span.clone(), format!("{key}{when}"));
+        }
+    }
+}
+
 fn span_of<T>(v: &Val<T>) -> Range<usize> {
     v.as_ref().map(|s| s.span()).unwrap_or(0..0)
 }
@@ -249,23 +258,23 @@ fn compile_upstream(cx: &mut Cx<'_>, f: Option<&Spanned<UpstreamFile>>) -> Upstr
 fn compile_store(cx: &mut Cx<'_>, f: &StoreFile) -> StoreConfig {
     let backend = match get(&f.backend, Backend::Memory) {
         Backend::Memory => {
-            for (span, key) in [
-                (span_of(&f.url), "store.url"),
-                (span_of(&f.sentinels), "store.sentinels"),
-                (span_of(&f.sentinel_master), "store.sentinel_master"),
-                (
-                    span_of(&f.sentinel_password_env),
-                    "store.sentinel_password_env",
-                ),
-                (span_of(&f.cluster_nodes), "store.cluster_nodes"),
-                (span_of(&f.tls_ca_file), "store.tls_ca_file"),
-                (span_of(&f.tls_cert_file), "store.tls_cert_file"),
-                (span_of(&f.tls_key_file), "store.tls_key_file"),
-            ] {
-                if span != (0..0) {
-                    cx.err(span, format!("{key} is only used with backend = \"redis\""));
-                }
-            }
+            unused(
+                cx,
+                &[
+                    (span_of(&f.url), "store.url"),
+                    (span_of(&f.sentinels), "store.sentinels"),
+                    (span_of(&f.sentinel_master), "store.sentinel_master"),
+                    (
+                        span_of(&f.sentinel_password_env),
+                        "store.sentinel_password_env",
+                    ),
+                    (span_of(&f.cluster_nodes), "store.cluster_nodes"),
+                    (span_of(&f.tls_ca_file), "store.tls_ca_file"),
+                    (span_of(&f.tls_cert_file), "store.tls_cert_file"),
+                    (span_of(&f.tls_key_file), "store.tls_key_file"),
+                ],
+                " is only used with backend = \"redis\"",
+            );
             StoreBackend::Memory {
                 max_bytes: get(&f.max_bytes, 256 << 20),
             }
@@ -331,15 +340,15 @@ fn compile_store(cx: &mut Cx<'_>, f: &StoreFile) -> StoreConfig {
 /// The `[upstream]` TLS settings: only with an `https://` URL.
 fn compile_upstream_tls(cx: &mut Cx<'_>, up: &UpstreamFile, https: bool) -> UpstreamTls {
     if !https {
-        for (v, key) in [
-            (span_of(&up.tls_ca_file), "upstream.tls_ca_file"),
-            (span_of(&up.tls_server_name), "upstream.tls_server_name"),
-            (span_of(&up.tls_verify), "upstream.tls_verify"),
-        ] {
-            if v != (0..0) {
-                cx.err(v, format!("{key}: only used with an https:// upstream.url"));
-            }
-        }
+        unused(
+            cx,
+            &[
+                (span_of(&up.tls_ca_file), "upstream.tls_ca_file"),
+                (span_of(&up.tls_server_name), "upstream.tls_server_name"),
+                (span_of(&up.tls_verify), "upstream.tls_verify"),
+            ],
+            ": only used with an https:// upstream.url",
+        );
         return UpstreamTls::default();
     }
     let server_name = up.tls_server_name.as_ref().and_then(|n| {
@@ -452,17 +461,17 @@ fn redis_target(cx: &mut Cx<'_>, f: &StoreFile) -> (RedisTarget, bool) {
         return (fallback(), false);
     }
     if f.sentinels.is_none() {
-        for (v, key) in [
-            (span_of(&f.sentinel_master), "store.sentinel_master"),
-            (
-                span_of(&f.sentinel_password_env),
-                "store.sentinel_password_env",
-            ),
-        ] {
-            if v != (0..0) {
-                cx.err(v, format!("{key}: only used with store.sentinels"));
-            }
-        }
+        unused(
+            cx,
+            &[
+                (span_of(&f.sentinel_master), "store.sentinel_master"),
+                (
+                    span_of(&f.sentinel_password_env),
+                    "store.sentinel_password_env",
+                ),
+            ],
+            ": only used with store.sentinels",
+        );
     }
     if let Some(list) = &f.sentinels {
         let urls = redis_urls(cx, list, "store.sentinels");
@@ -542,18 +551,15 @@ fn redis_urls(cx: &mut Cx<'_>, list: &Spanned<Vec<Spanned<String>>>, key: &str) 
 /// The `tls_*` files of `[store]`: only with a TLS target.
 fn redis_tls(cx: &mut Cx<'_>, f: &StoreFile, tls: bool) -> RedisTls {
     if !tls {
-        for (v, key) in [
-            (span_of(&f.tls_ca_file), "store.tls_ca_file"),
-            (span_of(&f.tls_cert_file), "store.tls_cert_file"),
-            (span_of(&f.tls_key_file), "store.tls_key_file"),
-        ] {
-            if v != (0..0) {
-                cx.err(
-                    v,
-                    format!("{key}: only used when Redis is reached over TLS (rediss://)"),
-                );
-            }
-        }
+        unused(
+            cx,
+            &[
+                (span_of(&f.tls_ca_file), "store.tls_ca_file"),
+                (span_of(&f.tls_cert_file), "store.tls_cert_file"),
+                (span_of(&f.tls_key_file), "store.tls_key_file"),
+            ],
+            ": only used when Redis is reached over TLS (rediss://)",
+        );
         return RedisTls::default();
     }
     let ca = f
